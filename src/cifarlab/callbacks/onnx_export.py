@@ -1,0 +1,69 @@
+"""Keeps an ONNX export of the best checkpoint next to the run's checkpoints."""
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from cifarlab.export.onnx import contract_metadata, export_onnx, verify_onnx
+
+
+class OnnxExport(Callback):
+    """Exports whenever a new best checkpoint is saved (`every_best`) and, at fit end, from the best one.
+
+    Each export is checked with ONNX Runtime against the PyTorch model on real validation images and a
+    divergence fails the run (ExportError). Without any checkpoint (fast_dev_run) the final weights are exported.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        run_id: str,
+        filename: str = "model.onnx",
+        every_best: bool = True,
+        verify_images: int = 256,
+        tolerance: float = 1e-4,
+    ) -> None:
+        self.path = Path(dirpath) / filename
+        self.run_id = run_id
+        self.every_best = every_best
+        self.verify_images = verify_images
+        self.tolerance = tolerance
+        self.exported_from: str | None = None
+        self.difference: float | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_best and trainer.is_global_zero:
+            self._export_new_best(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not self._export_new_best(trainer, pl_module) and self.exported_from is None:
+            self._export(trainer, pl_module, source="final weights")
+            self.exported_from = "final weights"
+
+    def _export_new_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint else ""
+        # The best file keeps its name when it is overwritten, so its score tells a new best apart.
+        identity = f"{best}@{checkpoint.best_model_score}" if best else ""
+        if not best or identity == self.exported_from:
+            return False
+        # Rebuild from the file, not from the live weights: the export is then exactly the checkpoint's model.
+        best_module = type(pl_module).load_from_checkpoint(best, map_location="cpu", weights_only=False)
+        self._export(trainer, best_module, source=best)
+        self.exported_from = identity
+        return True
+
+    def _export(self, trainer: L.Trainer, module: L.LightningModule, source: str) -> None:
+        datamodule = trainer.datamodule
+        metadata = contract_metadata(
+            module.class_names, self.run_id, datamodule.dataset.manifest_sha256, checkpoint=Path(source).name
+        )
+        export_onnx(module.net, self.path, metadata)
+        images = datamodule.val_images  # sorted by class: a strided slice covers every class
+        images = images[:: max(1, len(images) // self.verify_images)][: self.verify_images]
+        self.difference = verify_onnx(self.path, module.net, images, self.tolerance)
+        rank_zero_info(f"Exported {self.path} from {source} (max softmax difference {self.difference:.2e})")

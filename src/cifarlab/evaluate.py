@@ -1,0 +1,76 @@
+"""The body of `eval.py`: test-set metrics of a checkpoint or of an exported ONNX model, one code path for both."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cifarlab.errors import ConfigError, DataError
+from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
+from cifarlab.metrics import classification_metrics, summarize
+from cifarlab.models.module import ImageClassifier
+from cifarlab.runtime import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate `cfg.ckpt_path` or `cfg.onnx_path` on the prepared test split; write and return the metrics."""
+    model_path = _model_path(cfg)
+    dataset = instantiate(cfg.data).load()
+    images, labels = dataset.test.images, dataset.test.labels
+    if model_path.suffix == ".onnx":
+        classes = _onnx_classes(model_path)
+        logits = onnx_logits(onnx_session(model_path), images, cfg.batch_size)
+    else:
+        module = ImageClassifier.load_from_checkpoint(model_path, map_location="cpu", weights_only=False)
+        classes = module.class_names
+        logits = _torch_logits(module, images, cfg.batch_size)
+    if tuple(classes) != dataset.classes:
+        raise DataError(f"{model_path} was trained on classes {list(classes)}, the test data has {list(dataset.classes)}")
+    metrics = classification_metrics(len(classes))
+    metrics.update(torch.from_numpy(logits), torch.from_numpy(labels))
+    summary = summarize(metrics.compute(), classes)
+    summary["images"] = len(labels)
+    output = Path(cfg.metrics_path) if cfg.get("metrics_path") else model_path.with_suffix(".test_metrics.json")
+    write_atomic(output, json.dumps(summary, indent=2, sort_keys=True))
+    log.info("%s on %d test images: accuracy %.4f, macro F1 %.4f -> %s", model_path, len(labels), summary["acc"], summary["f1_macro"], output)
+    print(format_report(summary, classes))
+    return summary
+
+
+def _model_path(cfg: DictConfig) -> Path:
+    given = [path for path in (cfg.get("ckpt_path"), cfg.get("onnx_path")) if path]
+    if len(given) != 1:
+        raise ConfigError("give exactly one model to evaluate: ckpt_path=runs/<run id>/checkpoints/best.ckpt or onnx_path=runs/<run id>/model.onnx")
+    path = Path(given[0])
+    if not path.is_file():
+        raise ConfigError(f"model file not found: {path}")
+    return path
+
+
+def _onnx_classes(path: Path) -> list[str]:
+    metadata = read_metadata(path)
+    if "classes" not in metadata:
+        raise ConfigError(f"{path} has no 'classes' metadata: it was not exported under this project's model contract")
+    return json.loads(metadata["classes"])
+
+
+@torch.no_grad()
+def _torch_logits(module: ImageClassifier, images: np.ndarray, batch_size: int) -> np.ndarray:
+    net = module.net.eval()
+    batches = [net(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(batches).numpy()
+
+
+def format_report(summary: dict[str, float], classes: list[str] | tuple[str, ...]) -> str:
+    lines = [f"accuracy {summary['acc']:.4f}   macro precision {summary['precision_macro']:.4f}   "
+             f"macro recall {summary['recall_macro']:.4f}   macro F1 {summary['f1_macro']:.4f}",
+             f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}"]
+    for name in classes:
+        lines.append(f"{name:<12}{summary[f'precision/{name}']:>10.4f}{summary[f'recall/{name}']:>10.4f}{summary[f'f1/{name}']:>10.4f}")
+    return "\n".join(lines)

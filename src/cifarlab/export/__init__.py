@@ -1,0 +1,1 @@
+"""Export of trained networks to ONNX under the model contract (docs/model-contract.md)."""

@@ -1,0 +1,115 @@
+"""ONNX export under the model contract, and its verification against the PyTorch model.
+
+Contract (docs/model-contract.md): input `images`, uint8 [N, 32, 32, 3] RGB; output `logits`, float32
+[N, num_classes]; preprocessing inside the graph; metadata: classes, run id, data manifest hash, input spec.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from cifarlab.errors import ExportError
+
+CONTRACT_VERSION = "1"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+def input_spec(height: int = 32, width: int = 32) -> dict:
+    return {"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", height, width, 3], "layout": "NHWC", "color": "RGB"}
+
+
+def contract_metadata(class_names: Sequence[str], run_id: str, manifest_sha256: str, **extra: str) -> dict[str, str]:
+    """The key/value strings stored in the ONNX file's metadata_props."""
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "classes": json.dumps(list(class_names)),
+        "run_id": run_id,
+        "data_manifest_sha256": manifest_sha256,
+        "input_spec": json.dumps(input_spec()),
+        "output_spec": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(class_names)]}),
+        **extra,
+    }
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """Export `net` (uint8 NHWC in, logits out) with a dynamic batch axis; atomic (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                net,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamo=True,
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                verbose=False,
+            )
+    finally:
+        net.train(was_training)
+    model = program.model_proto
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "cifarlab"
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(descriptor)
+    try:
+        onnx.save(model, temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Logits for uint8 images [N, 32, 32, 3], in batches."""
+    parts = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts)
+
+
+def verify_onnx(path: str | os.PathLike, net: nn.Module, images: Tensor, tolerance: float = 1e-4) -> float:
+    """Compare softmax outputs of the ONNX file and the PyTorch model on real images; raise on a mismatch."""
+    images = images.cpu()
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            expected = torch.softmax(net(images.to(next(net.parameters()).device)).float().cpu(), dim=1).numpy()
+    finally:
+        net.train(was_training)
+    logits = onnx_logits(onnx_session(path), images.numpy())
+    actual = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    if actual.shape != expected.shape:
+        raise ExportError(f"ONNX export {path} gives outputs of shape {actual.shape}, PyTorch {expected.shape}")
+    difference = float(np.abs(actual - expected).max())
+    if not difference <= tolerance:
+        raise ExportError(
+            f"ONNX export {path} diverges from the PyTorch model: max |softmax difference| = {difference:.3g} "
+            f"> {tolerance:g} on {len(images)} validation images"
+        )
+    return difference

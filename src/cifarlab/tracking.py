@@ -1,0 +1,132 @@
+"""What every run records: config, code version, data identity, system, results and artefacts.
+
+The MLflow side goes through the Lightning MLFlowLogger's client for params, tags and metrics, and through
+the fluent API (attached to the same run) only to log the ONNX model, which has no client-level call.
+"""
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+
+MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def as_params(config: Mapping[str, Any]) -> dict[str, str]:
+    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(config).items()}
+
+
+def git_state(root: str | os.PathLike) -> dict[str, str]:
+    """The commit and whether the work tree differs from it ("unknown" outside a git checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def system_info(trainer_accelerator: str) -> dict[str, str]:
+    info = {
+        "system.python": platform.python_version(),
+        "system.platform": platform.platform(),
+        "system.cpu_count": str(os.cpu_count()),
+        "system.torch": torch.__version__,
+        "system.lightning": lightning.__version__,
+        "system.accelerator": trainer_accelerator,
+    }
+    if torch.cuda.is_available():
+        info["system.gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def find_mlflow_logger(loggers: list[Logger]) -> MLFlowLogger | None:
+    return next((logger for logger in loggers if isinstance(logger, MLFlowLogger)), None)
+
+
+def log_run_start(logger: MLFlowLogger, config: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+    logger.log_hyperparams(as_params(config))
+    for key, value in tags.items():
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, checkpoint: str | None) -> None:
+    """Upload the run folder's files, the best checkpoint and the ONNX model (as an MLflow model)."""
+    client, run_id = logger.experiment, logger.run_id
+    for name in ("config.yaml", "test_metrics.json", "confusion_matrix.png"):
+        if (run_dir / name).exists():
+            client.log_artifact(run_id, str(run_dir / name))
+    if checkpoint:
+        client.log_artifact(run_id, checkpoint, artifact_path="checkpoints")
+    if onnx_path is not None and onnx_path.exists():
+        _log_onnx_model(logger, onnx_path)
+
+
+def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path) -> None:
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    model = onnx.load(str(onnx_path))
+    classes = len(json.loads({p.key: p.value for p in model.metadata_props}["classes"]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 32, 32, 3), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "logits")]),
+    )
+    mlflow.set_tracking_uri(logger._tracking_uri)
+    with mlflow.start_run(run_id=logger.run_id):
+        mlflow.onnx.log_model(
+            model,
+            name="onnx_model",
+            signature=signature,
+            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
+            save_as_external_data=False,
+        )
+
+
+def mlflow_logger(
+    tracking_uri: str,
+    experiment_name: str = "cifar10",
+    run_name: str | None = None,
+    run_id: str | None = None,
+    artifact_location: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> MLFlowLogger:
+    """An MLFlowLogger whose artefacts sit beside a local SQLite store (not in the current directory, where
+    MLflow would put them); with a server, the server decides where artefacts go."""
+    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = (database.parent / "artifacts").resolve().as_uri()
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        artifact_location=artifact_location,
+        tags=dict(tags or {}),
+    )

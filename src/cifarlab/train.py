@@ -1,0 +1,141 @@
+"""The body of `train.py`: data, model, trainer, fit, test, export and tracking, from one composed config."""
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cifarlab import tracking
+from cifarlab.callbacks.onnx_export import OnnxExport
+from cifarlab.errors import ConfigError
+from cifarlab.metrics import confusion_figure
+from cifarlab.runtime import check_accelerator, write_atomic
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENV = "CIFARLAB_RUN_ID"  # hands rank 0's run id to the DDP processes Lightning launches
+MLFLOW_LOGGER_TARGET = "cifarlab.tracking.mlflow_logger"
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train, test and export one model; return the value of `cfg.optimized_metric` for sweepers."""
+    check_accelerator(cfg.trainer.accelerator)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = _existing_checkpoint(cfg.get("ckpt_path"))
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    if rank_zero_only.rank == 0:
+        datamodule.load()  # data problems surface before anything is created, and the manifest is known
+
+    logger = _open_run(cfg, ckpt_path)
+    run_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        log.info("Run %s in %s, config:\n%s", cfg.run_id, run_dir, config_yaml)
+        write_atomic(run_dir / "config.yaml", config_yaml)
+
+    model: L.LightningModule = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[logger] if logger else False)
+
+    mlflow = tracking.find_mlflow_logger(trainer.loggers)
+    if mlflow is not None and rank_zero_only.rank == 0:
+        tracking.log_run_start(mlflow, OmegaConf.to_container(cfg, resolve=True), _run_tags(cfg, datamodule))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+        if trainer.is_global_zero:
+            _write_test_report(run_dir, model)
+
+    if mlflow is not None and trainer.is_global_zero:
+        onnx = next((c.path for c in trainer.callbacks if isinstance(c, OnnxExport)), None)
+        tracking.log_run_end(mlflow, run_dir, onnx, best or None)
+    return _optimized_metric(cfg, metrics)
+
+
+def _existing_checkpoint(path: str | None) -> str | None:
+    if path and not Path(path).is_file():
+        raise ConfigError(f"checkpoint not found: {path} (ckpt_path must name a .ckpt file, e.g. runs/<run id>/checkpoints/last.ckpt)")
+    return path
+
+
+def _open_run(cfg: DictConfig, ckpt_path: str | None) -> Logger | None:
+    """Decide the run id (MLflow's when it tracks, a fresh one otherwise, the old one when resuming), name the
+    output folder after it, and instantiate the logger."""
+    run_id = _resumed_run(ckpt_path)
+    if rank_zero_only.rank != 0:
+        run_id = run_id or os.environ.get(RUN_ID_ENV)
+    logger_cfg = cfg.get("logger")
+    logger = None
+    if logger_cfg and logger_cfg.get("_target_") == MLFLOW_LOGGER_TARGET:
+        logger = instantiate(logger_cfg, run_id=run_id, run_name=_run_name(cfg))
+        run_id = logger.run_id if rank_zero_only.rank == 0 else run_id
+    run_id = run_id or uuid.uuid4().hex
+    os.environ[RUN_ID_ENV] = run_id
+    with open_dict(cfg):
+        cfg.run_id = run_id
+        cfg.paths.output_dir = str(Path(cfg.paths.runs_dir) / run_id)
+    if logger_cfg and logger is None:
+        logger = instantiate(logger_cfg)
+    return logger
+
+
+def _resumed_run(ckpt_path: str | None) -> str | None:
+    """A checkpoint inside runs/<run id>/checkpoints/ continues that run (same id, folder and MLflow run)."""
+    if not ckpt_path:
+        return None
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    return run_dir.name if (run_dir / "config.yaml").is_file() else None
+
+
+def _run_name(cfg: DictConfig) -> str:
+    if cfg.get("run_name"):
+        return cfg.run_name
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return overrides or cfg.model.net._target_.rsplit(".", 1)[-1]
+
+
+def _run_tags(cfg: DictConfig, datamodule: Any) -> dict[str, str]:
+    tags = {
+        "data.manifest_sha256": datamodule.dataset.manifest_sha256,
+        "data.source": str(datamodule.dataset.manifest.get("source", {})),
+        "output_dir": cfg.paths.output_dir,
+        **tracking.git_state(cfg.paths.root_dir),
+        **tracking.system_info(cfg.trainer.accelerator),
+    }
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        hydra_cfg = HydraConfig.get()
+        tags.update({"sweep.id": Path(hydra_cfg.sweep.dir).name, "sweep.job": str(hydra_cfg.job.num)})
+    return tags
+
+
+def _write_test_report(run_dir: Path, model: Any) -> None:
+    write_atomic(run_dir / "test_metrics.json", json.dumps(model.test_report, indent=2, sort_keys=True))
+    if model.test_confusion is not None:
+        figure = confusion_figure(model.test_confusion, model.class_names)
+        figure.savefig(run_dir / "confusion_matrix.png", dpi=100)
+
+
+def _optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
+    return metrics[name]

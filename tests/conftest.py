@@ -1,0 +1,77 @@
+"""Shared fixtures: the repository's paths, composed configs, and tiny training runs on the committed sample."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
+
+# Small, fast and CPU-only: the overrides every training test starts from.
+TINY = [
+    "trainer.accelerator=cpu",
+    "debug=limit",
+    "model.net.widths=[16,32,32]",
+    f"data.source={SAMPLE}",
+]
+
+
+@pytest.fixture(autouse=True)
+def project_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared copy of the sample for the whole session (preparing is what data tests test)."""
+    return tmp_path_factory.mktemp("prepared")
+
+
+@pytest.fixture
+def compose_train(tmp_path: Path, prepared_root: Path) -> Callable[..., DictConfig]:
+    """Compose configs/train.yaml as Hydra would for `python train.py <overrides>`, writing into tmp_path."""
+
+    def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(
+                config_name,
+                overrides=[
+                    f"paths.runs_dir={tmp_path / 'runs'}",
+                    f"paths.log_dir={tmp_path / 'logs'}",
+                    f"data.prepared_root={prepared_root}",
+                    *overrides,
+                ],
+                return_hydra_config=True,
+            )
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra  # train() sees what @hydra.main hands a task
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a repository entry point (train.py, eval.py, scripts/...) as a user would."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_SOURCE", "MLFLOW_TRACKING_URI")}
+    full_env = {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

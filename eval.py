@@ -5,11 +5,11 @@ from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from cifarlab.evaluate import evaluate  # noqa: E402
-from cifarlab.runtime import user_errors_exit  # noqa: E402
+from cifarlab.evaluate import evaluate
+from cifarlab.runtime import user_errors_exit
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

@@ -67,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no experiment {args.experiment!r} at {args.tracking_uri}; train a model first", file=sys.stderr)
         return 1
     query = f"tags.`sweep.id` = '{args.sweep}'" if args.sweep else ""
-    runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=args.last)
+    runs = client.search_runs(
+        [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=args.last
+    )
     if not runs:
-        print(f"error: no runs found in {args.experiment!r}" + (f" for sweep {args.sweep}" if args.sweep else ""), file=sys.stderr)
+        print(
+            f"error: no runs found in {args.experiment!r}" + (f" for sweep {args.sweep}" if args.sweep else ""),
+            file=sys.stderr,
+        )
         return 1
     print(format_table(*comparison_rows(runs)))
     return 0

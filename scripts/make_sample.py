@@ -76,9 +76,7 @@ def write_tar_gz(files: dict[str, bytes], out: Path, top: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, type=Path, help="image-folder archive or directory")
     parser.add_argument("--out", required=True, type=Path, help="the sample .tar.gz to write")
     parser.add_argument("--train-per-class", type=int, default=400)

@@ -22,9 +22,7 @@ from cifarlab.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="archive, directory or URL")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the prepared dataset to")
     parser.add_argument("--force", action="store_true", help="replace an existing prepared dataset")

@@ -8,13 +8,13 @@ from lightning.pytorch.callbacks import Callback
 
 
 class CrashAfterEpoch(Callback):
-    """Raise once the given epoch (and its checkpoint) is done: a run killed mid-training."""
+    """Raise as the epoch after `epoch` starts, its checkpoints written: a run killed mid-training."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch + 1:
             raise RuntimeError(f"simulated crash after epoch {self.epoch}")
 
 

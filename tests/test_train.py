@@ -36,8 +36,14 @@ def test_short_run_writes_checkpoint_onnx_and_mlflow_record(compose_train, track
     assert returned == pytest.approx(run.data.metrics["val/acc_best"])
 
     # the folder named by the run id holds everything the run made
-    for name in ("config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "model.onnx",
-                 "test_metrics.json", "confusion_matrix.png"):
+    for name in (
+        "config.yaml",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "model.onnx",
+        "test_metrics.json",
+        "confusion_matrix.png",
+    ):
         assert (run_dir / name).is_file(), name
 
     params = run.data.params
@@ -91,8 +97,9 @@ def test_onnx_export_matches_best_checkpoint_on_test_images(compose_train, tmp_p
 
 @pytest.mark.parametrize("model", ["airbench", "baseline", "resnet18"])
 def test_fast_dev_run_trains_one_batch_of_each_model(compose_train, model):
-    cfg = compose_train(f"model={model}", "debug=fast_dev_run", f"data.source={SAMPLE}",
-                        "data.batch_size=16", "data.eval_batch_size=16")
+    cfg = compose_train(
+        f"model={model}", "debug=fast_dev_run", f"data.source={SAMPLE}", "data.batch_size=16", "data.eval_batch_size=16"
+    )
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     assert (run_dir / "model.onnx").is_file()  # fast_dev_run saves no checkpoint: the final weights are exported
@@ -102,14 +109,23 @@ def test_fast_dev_run_trains_one_batch_of_each_model(compose_train, model):
 
 def test_resumed_run_reaches_the_same_weights(compose_train, tracking_uri, tmp_path):
     def final_state(cfg):
-        return {k: v.clone() for k, v in torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
-                                                    weights_only=False)["state_dict"].items()}
+        return {
+            k: v.clone()
+            for k, v in torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)[
+                "state_dict"
+            ].items()
+        }
 
     straight = compose_train(*TINY, "logger=none", "test=false")
     train(straight)
 
-    crashing = compose_train(*TINY, f"logger.tracking_uri={tracking_uri}", "test=false",
-                             "+callbacks.crash._target_=tests.helpers.CrashAfterEpoch", "+callbacks.crash.epoch=0")
+    crashing = compose_train(
+        *TINY,
+        f"logger.tracking_uri={tracking_uri}",
+        "test=false",
+        "+callbacks.crash._target_=tests.helpers.CrashAfterEpoch",
+        "+callbacks.crash.epoch=0",
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(crashing)
     last = Path(crashing.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -120,22 +136,33 @@ def test_resumed_run_reaches_the_same_weights(compose_train, tracking_uri, tmp_p
     assert resumed.run_id == crashing.run_id  # same run, same folder, same MLflow record
     _, run = _only_run(tracking_uri)
     assert run.info.run_id == crashing.run_id and run.info.status == "FINISHED"
+    assert run.data.params["ckpt_path"] == "None"  # params keep the first start's values...
+    assert json.loads(run.data.tags["resume.changed_params"]) == {"ckpt_path": str(last)}  # ...and resumes are noted
 
     expected, actual = final_state(straight), final_state(resumed)
     assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    differences = {name: (actual[name].float() - expected[name].float()).abs().max().item() for name in expected}
+    assert max(differences.values()) <= 1e-6, {k: v for k, v in differences.items() if v > 1e-6}
 
 
 def test_missing_checkpoint_is_a_config_error(compose_train):
-    with pytest.raises(ConfigError, match="checkpoint not found: nowhere.ckpt"):
+    with pytest.raises(ConfigError, match=r"checkpoint not found: nowhere\.ckpt"):
         train(compose_train(*TINY, "logger=none", "ckpt_path=nowhere.ckpt"))
 
 
 def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, tracking_uri):
-    result = run_cli("train.py", "-m", "model=airbench,baseline", *TINY[:3], f"data.source={SAMPLE}",
-                     f"logger.tracking_uri={tracking_uri}", f"paths.runs_dir={tmp_path / 'runs'}",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", f"data.prepared_root={tmp_path / 'prepared'}", "test=false")
+    result = run_cli(
+        "train.py",
+        "-m",
+        "model=airbench,baseline",
+        *TINY[:3],
+        f"data.source={SAMPLE}",
+        f"logger.tracking_uri={tracking_uri}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"data.prepared_root={tmp_path / 'prepared'}",
+        "test=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("cifar10").experiment_id])
@@ -143,21 +170,34 @@ def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, t
     assert {r.data.tags["sweep.id"] for r in runs} == {"sweep"}
     assert {r.data.tags["sweep.job"] for r in runs} == {"0", "1"}
     assert {r.data.params["model.net._target_"].rsplit(".", 1)[1] for r in runs} == {"AirbenchNet", "BaselineCNN"}
-    assert {r.info.run_name for r in runs} == {"model=airbench", "model=baseline"}
+    names = {r.info.run_name for r in runs}
+    assert names == {
+        "debug=limit,model.net.widths=[16,32,32],model=airbench,test=False,trainer.accelerator=cpu",
+        "debug=limit,model.net.widths=[16,32,32],model=baseline,test=False,trainer.accelerator=cpu",
+    }
     assert all((tmp_path / "runs" / r.info.run_id / "model.onnx").is_file() for r in runs)
 
     table = run_cli("scripts/compare_runs.py", "--tracking-uri", tracking_uri, "--sweep", "sweep")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert "val/acc_best" in lines[0] and len(lines) == 4
-    assert {line.split()[1] for line in lines[2:]} == {"model=airbench", "model=baseline"}
+    assert {line.split()[1] for line in lines[2:]} == names
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
-    result = run_cli("train.py", "trainer=ddp", "trainer.devices=2", *TINY, "logger=none", "test=false",
-                     f"paths.runs_dir={tmp_path / 'runs'}", f"data.prepared_root={tmp_path / 'prepared'}",
-                     f"hydra.run.dir={tmp_path / 'hydra'}",
-                     "+callbacks.dump._target_=tests.helpers.DumpWeights", f"+callbacks.dump.dirpath={tmp_path / 'ranks'}")
+    result = run_cli(
+        "train.py",
+        "trainer=ddp",
+        "trainer.devices=2",
+        *TINY,
+        "logger=none",
+        "test=false",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"data.prepared_root={tmp_path / 'prepared'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        "+callbacks.dump._target_=tests.helpers.DumpWeights",
+        f"+callbacks.dump.dirpath={tmp_path / 'ranks'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["steps"] == rank1["steps"] == 6  # 2 epochs x 3 batches, in lockstep
@@ -192,11 +232,18 @@ def test_unknown_config_option_is_a_readable_error():
 
 
 def test_wrongly_typed_value_is_one_line(tmp_path):
-    result = run_cli("train.py", *TINY, "logger=none", "optimizer.lr=-1", f"paths.runs_dir={tmp_path}",
-                     f"data.prepared_root={tmp_path / 'prepared'}", timeout=120)
+    result = run_cli(
+        "train.py",
+        *TINY,
+        "logger=none",
+        "optimizer.lr=-1",
+        f"paths.runs_dir={tmp_path}",
+        f"data.prepared_root={tmp_path / 'prepared'}",
+        timeout=120,
+    )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()[-1:]
-    assert line.startswith("error: invalid configuration") and "Invalid learning rate: -1" in line
+    assert line == "error: optimizer torch.optim.SGD rejects its configuration: Invalid learning rate: -1"
     assert "Traceback" not in result.stderr
 
 
@@ -209,8 +256,14 @@ def test_data_folder_with_a_missing_class_is_one_line(tmp_path):
             from PIL import Image
 
             Image.new("RGB", (32, 32), (1, 2, 3)).save(folder / "0.png")
-    result = run_cli("train.py", "logger=none", f"data.source={broken}", f"paths.runs_dir={tmp_path / 'runs'}",
-                     f"data.prepared_root={tmp_path / 'prepared'}", timeout=120)
+    result = run_cli(
+        "train.py",
+        "logger=none",
+        f"data.source={broken}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"data.prepared_root={tmp_path / 'prepared'}",
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

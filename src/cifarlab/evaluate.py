@@ -27,18 +27,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         classes = _onnx_classes(model_path)
         logits = onnx_logits(onnx_session(model_path), images, cfg.batch_size)
     else:
-        module = ImageClassifier.load_from_checkpoint(model_path, map_location="cpu", weights_only=False)
+        module = ImageClassifier.load_from_checkpoint(model_path, map_location="cpu")
         classes = module.class_names
         logits = _torch_logits(module, images, cfg.batch_size)
     if tuple(classes) != dataset.classes:
-        raise DataError(f"{model_path} was trained on classes {list(classes)}, the test data has {list(dataset.classes)}")
+        raise DataError(
+            f"{model_path} was trained on classes {list(classes)}, the test data has {list(dataset.classes)}"
+        )
     metrics = classification_metrics(len(classes))
     metrics.update(torch.from_numpy(logits), torch.from_numpy(labels))
     summary = summarize(metrics.compute(), classes)
     summary["images"] = len(labels)
     output = Path(cfg.metrics_path) if cfg.get("metrics_path") else model_path.with_suffix(".test_metrics.json")
     write_atomic(output, json.dumps(summary, indent=2, sort_keys=True))
-    log.info("%s on %d test images: accuracy %.4f, macro F1 %.4f -> %s", model_path, len(labels), summary["acc"], summary["f1_macro"], output)
+    log.info(
+        "%s on %d test images: accuracy %.4f, macro F1 %.4f -> %s",
+        model_path,
+        len(labels),
+        summary["acc"],
+        summary["f1_macro"],
+        output,
+    )
     print(format_report(summary, classes))
     return summary
 
@@ -46,7 +55,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def _model_path(cfg: DictConfig) -> Path:
     given = [path for path in (cfg.get("ckpt_path"), cfg.get("onnx_path")) if path]
     if len(given) != 1:
-        raise ConfigError("give exactly one model to evaluate: ckpt_path=runs/<run id>/checkpoints/best.ckpt or onnx_path=runs/<run id>/model.onnx")
+        raise ConfigError(
+            "give exactly one model to evaluate: ckpt_path=runs/<run id>/checkpoints/best.ckpt "
+            "or onnx_path=runs/<run id>/model.onnx"
+        )
     path = Path(given[0])
     if not path.is_file():
         raise ConfigError(f"model file not found: {path}")
@@ -68,9 +80,13 @@ def _torch_logits(module: ImageClassifier, images: np.ndarray, batch_size: int) 
 
 
 def format_report(summary: dict[str, float], classes: list[str] | tuple[str, ...]) -> str:
-    lines = [f"accuracy {summary['acc']:.4f}   macro precision {summary['precision_macro']:.4f}   "
-             f"macro recall {summary['recall_macro']:.4f}   macro F1 {summary['f1_macro']:.4f}",
-             f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}"]
+    lines = [
+        f"accuracy {summary['acc']:.4f}   macro precision {summary['precision_macro']:.4f}   "
+        f"macro recall {summary['recall_macro']:.4f}   macro F1 {summary['f1_macro']:.4f}",
+        f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}",
+    ]
     for name in classes:
-        lines.append(f"{name:<12}{summary[f'precision/{name}']:>10.4f}{summary[f'recall/{name}']:>10.4f}{summary[f'f1/{name}']:>10.4f}")
+        lines.append(
+            f"{name:<12}{summary[f'precision/{name}']:>10.4f}{summary[f'recall/{name}']:>10.4f}{summary[f'f1/{name}']:>10.4f}"
+        )
     return "\n".join(lines)

@@ -6,11 +6,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchmetrics import MetricCollection  # noqa: E402
-from torchmetrics.classification import (  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
     MulticlassF1Score,

@@ -67,9 +67,17 @@ def find_mlflow_logger(loggers: list[Logger]) -> MLFlowLogger | None:
 
 
 def log_run_start(logger: MLFlowLogger, config: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-    logger.log_hyperparams(as_params(config))
+    """Log the config as params and the run's tags. A resumed run keeps its params (MLflow forbids changing
+    them): only new keys are added, and the values that changed are recorded in the tag resume.changed_params."""
+    client, run_id = logger.experiment, logger.run_id
+    params = as_params(config)
+    logged = client.get_run(run_id).data.params
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+    logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
+    if changed:
+        client.set_tag(run_id, "resume.changed_params", json.dumps(changed)[:MAX_PARAM_LENGTH])
     for key, value in tags.items():
-        logger.experiment.set_tag(logger.run_id, key, value)
+        client.set_tag(run_id, key, value)
 
 
 def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, checkpoint: str | None) -> None:

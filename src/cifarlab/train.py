@@ -45,7 +45,9 @@ def train(cfg: DictConfig) -> float | None:
         log.info("Run %s in %s, config:\n%s", cfg.run_id, run_dir, config_yaml)
         write_atomic(run_dir / "config.yaml", config_yaml)
 
-    model: L.LightningModule = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False)
+    model: L.LightningModule = instantiate(
+        cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
+    )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[logger] if logger else False)
 
@@ -58,7 +60,7 @@ def train(cfg: DictConfig) -> float | None:
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
         if trainer.is_global_zero:
             _write_test_report(run_dir, model)
@@ -71,7 +73,9 @@ def train(cfg: DictConfig) -> float | None:
 
 def _existing_checkpoint(path: str | None) -> str | None:
     if path and not Path(path).is_file():
-        raise ConfigError(f"checkpoint not found: {path} (ckpt_path must name a .ckpt file, e.g. runs/<run id>/checkpoints/last.ckpt)")
+        raise ConfigError(
+            f"checkpoint not found: {path} (ckpt_path must name a .ckpt file, e.g. runs/<run id>/checkpoints/last.ckpt)"
+        )
     return path
 
 

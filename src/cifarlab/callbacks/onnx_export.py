@@ -10,7 +10,7 @@ from cifarlab.export.onnx import contract_metadata, export_onnx, verify_onnx
 
 
 class OnnxExport(Callback):
-    """Exports whenever a new best checkpoint is saved (`every_best`) and, at fit end, from the best one.
+    """Exports each new best checkpoint once it is saved (`every_best`) and, at fit end, the best one.
 
     Each export is checked with ONNX Runtime against the PyTorch model on real validation images and a
     divergence fails the run (ExportError). Without any checkpoint (fast_dev_run) the final weights are exported.
@@ -33,7 +33,10 @@ class OnnxExport(Callback):
         self.exported_from: str | None = None
         self.difference: float | None = None
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Checkpoints are written at the end of each epoch after every other callback has run (Lightning
+        # orders ModelCheckpoint last, and only end-of-epoch checkpoints resume exactly): the next epoch's
+        # start is the first moment a new best is on disk.
         if self.every_best and trainer.is_global_zero:
             self._export_new_best(trainer, pl_module)
 
@@ -52,7 +55,7 @@ class OnnxExport(Callback):
         if not best or identity == self.exported_from:
             return False
         # Rebuild from the file, not from the live weights: the export is then exactly the checkpoint's model.
-        best_module = type(pl_module).load_from_checkpoint(best, map_location="cpu", weights_only=False)
+        best_module = type(pl_module).load_from_checkpoint(best, map_location="cpu")
         self._export(trainer, best_module, source=best)
         self.exported_from = identity
         return True

@@ -31,8 +31,8 @@ def cutout(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
     """Zero one random size x size square per image (it may overlap the border)."""
     batch, height, width, _ = images.shape
     device = images.device
-    top = torch.randint(-size // 2, height - size // 2, (batch, 1, 1), device=device, generator=generator)
-    left = torch.randint(-size // 2, width - size // 2, (batch, 1, 1), device=device, generator=generator)
+    top = torch.randint(-(size // 2), height - size // 2, (batch, 1, 1), device=device, generator=generator)
+    left = torch.randint(-(size // 2), width - size // 2, (batch, 1, 1), device=device, generator=generator)
     ys = torch.arange(height, device=device)[None, :, None]
     xs = torch.arange(width, device=device)[None, None, :]
     inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)

@@ -88,7 +88,10 @@ def onnx_session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSess
 
 def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Logits for uint8 images [N, 32, 32, 3], in batches."""
-    parts = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    parts = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(parts)
 
 

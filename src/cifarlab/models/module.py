@@ -11,12 +11,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab.errors import ConfigError
 from cifarlab.metrics import classification_metrics, summarize
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -54,8 +55,17 @@ class ClassifierNet(nn.Module):
         return logits
 
 
+def _build(group: str, config: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Instantiate an optimizer or scheduler; arguments it rejects are a config error, named as such."""
+    try:
+        return instantiate(config, _partial_=True)(*args, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{group} {config['_target_']} rejects its configuration: {error}") from error
+
+
 def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    # Plain containers keep checkpoints loadable with torch.load(weights_only=True).
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
 
 
 class ImageClassifier(L.LightningModule):
@@ -149,11 +159,11 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Partial first, call second: Hydra would otherwise try to turn the tensors into config nodes.
-        optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self._param_groups())
+        optimizer = _build("optimizer", self.hparams.optimizer, self._param_groups())
         if self.hparams.scheduler is None:
             return {"optimizer": optimizer}
         total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = instantiate(self.hparams.scheduler, _partial_=True)(optimizer, total_steps=total_steps)
+        scheduler = _build("scheduler", self.hparams.scheduler, optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _param_groups(self) -> list[dict[str, Any]]:

@@ -134,7 +134,7 @@ def test_defaults():
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.scheduler._target_ == "cifarlab.models.schedules.triangle"
     assert cfg.logger._target_ == "cifarlab.tracking.mlflow_logger"
-    assert set(cfg.callbacks) == {"model_checkpoint", "onnx_export", "lr_monitor"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "last_checkpoint", "onnx_export", "lr_monitor"}
     assert cfg.data.source == f"{ROOT}/data/cifar10-sample.tar.gz"
     assert cfg.data.prepared_root == f"{ROOT}/data/prepared"
     assert cfg.data.seed == cfg.seed == 42

@@ -269,3 +269,27 @@ def test_data_folder_with_a_missing_class_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "truck" in last
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tracking_uri):
+    result = run_cli(
+        "train.py",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        *TINY,
+        f"logger.tracking_uri={tracking_uri}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"data.prepared_root={tmp_path / 'prepared'}",
+        "test=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("cifar10").experiment_id])
+    assert len(runs) == 2
+    learning_rates = {float(r.data.params["optimizer.lr"]) for r in runs}
+    assert len(learning_rates) == 2 and all(0.005 <= lr <= 0.5 for lr in learning_rates)
+    results = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    best = max(r.data.metrics["val/acc_best"] for r in runs)
+    assert f"best_value: {best}" in results

@@ -16,8 +16,10 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from mlflow.entities import Param
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
+MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -73,7 +75,10 @@ def log_run_start(logger: MLFlowLogger, config: Mapping[str, Any], tags: Mapping
     params = as_params(config)
     logged = client.get_run(run_id).data.params
     changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
-    logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
+    # Through the client: Lightning's log_hyperparams cuts values at 250 characters, MLflow accepts 6000.
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[start : start + MAX_PARAMS_PER_BATCH])
     if changed:
         client.set_tag(run_id, "resume.changed_params", json.dumps(changed)[:MAX_PARAM_LENGTH])
     for key, value in tags.items():

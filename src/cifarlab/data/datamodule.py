@@ -36,6 +36,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         url: str = OFFICIAL_URL,
         expected_md5: str | None = None,
         augmentation: Augmentation | None = None,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -46,6 +47,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.classes = tuple(classes) if classes is not None else None
         self.url, self.expected_md5 = url, expected_md5
         self.augmentation = augmentation or Augmentation()
+        self.shuffle = shuffle  # off only to overfit the same batches (Lightning re-orders only DataLoaders)
         self.dataset: PreparedDataset | None = None
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -100,7 +102,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             images,
             labels,
             self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            shuffle=train and self.shuffle,
             drop_last=train,
             augmentation=self.augmentation if train else None,
             seed=self.seed,

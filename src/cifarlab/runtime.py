@@ -1,10 +1,11 @@
 """Process-level helpers for the entry points: accelerator checks, atomic writes, one-line user errors."""
 
+import contextlib
 import functools
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,17 +24,28 @@ def check_accelerator(accelerator: str) -> None:
         raise ConfigError("no CUDA GPU is available on this machine; use trainer.accelerator=auto (or trainer=cpu)")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text so that readers see the old file or the new one, never a half-written one."""
+@contextlib.contextmanager
+def atomic_destination(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, moved over it once the block succeeds: readers see the old file or the
+    new one, never a half-written one. The file gets mode 0644, not mkstemp's 0600, so that other users (a
+    container's non-root server, say) can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(descriptor)
+    temp = Path(temp_name)
     try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temp_name, path)
+        yield temp
+        temp.chmod(0o644)
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text atomically (see atomic_destination)."""
+    with atomic_destination(path) as temp:
+        temp.write_text(text)
 
 
 def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:

@@ -144,6 +144,12 @@ def test_export_leaves_no_temp_files(exported):
     assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]
 
 
+def test_export_is_readable_by_other_users(exported):
+    # mkstemp creates 0600 files: a server running as another user (the Docker image's) could not open them
+    _, path, _ = exported
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 class BrokenNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

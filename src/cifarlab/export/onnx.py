@@ -6,7 +6,6 @@ Contract (docs/model-contract.md): input `images`, uint8 [N, 32, 32, 3] RGB; out
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cifarlab.errors import ExportError
+from cifarlab.runtime import atomic_destination
 
 CONTRACT_VERSION = "1"
 INPUT_NAME = "images"
@@ -48,7 +48,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
     """Export `net` (uint8 NHWC in, logits out) with a dynamic batch axis; atomic (temp file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     was_training = net.training
     net.eval()
@@ -69,14 +68,8 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, 
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name = "cifarlab"
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
-        onnx.save(model, temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_destination(path) as temp:
+        onnx.save(model, str(temp))
     return path
 
 

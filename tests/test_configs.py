@@ -164,7 +164,8 @@ def test_cpu_airbench_experiment():
     assert cfg.model.net._target_ == "cifarlab.models.airbench.AirbenchNet"
     assert cfg.data.batch_size == 512
     assert cfg.data.augmentation.flip == "alternate"
-    assert cfg.trainer.max_epochs == 10
+    assert cfg.trainer.max_epochs == 12
+    assert list(cfg.model.net.widths) == [32, 128, 128]
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.model.norm_bias_lr_scale == 64.0
     assert cfg.model.label_smoothing == 0.2

@@ -41,11 +41,16 @@ def comparison_rows(runs: list, metrics: tuple[str, ...] = METRICS) -> tuple[lis
     for run in runs:
         info = run.info
         minutes = (info.end_time - info.start_time) / 60_000 if info.end_time else float("nan")
-        values = [run.data.params.get(k, "")[:MAX_VALUE_WIDTH] for k in shown]
-        values[0] = values[0].rsplit(".", 1)[-1]  # the network's class name
+        values = [_shown_value(k, run.data.params.get(k, "")) for k in shown]
         scores = [f"{run.data.metrics[m]:.4f}" if m in run.data.metrics else "" for m in metrics]
         rows.append([info.run_id[:12], info.run_name or "", info.status, f"{minutes:.1f}", *values, *scores])
     return header, rows
+
+
+def _shown_value(key: str, value: str) -> str:
+    if key == "model.net._target_":
+        return value.rsplit(".", 1)[-1]  # the network's class name
+    return value[:MAX_VALUE_WIDTH]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

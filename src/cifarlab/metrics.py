@@ -55,6 +55,6 @@ def confusion_figure(confusion: Tensor, class_names: Sequence[str]) -> plt.Figur
     for row in ticks:
         for col in ticks:
             color = "white" if rates[row, col] > 0.5 else "black"
-            axes.text(col, row, int(counts[row, col]), ha="center", va="center", fontsize=7, color=color)
+            axes.text(col, row, str(int(counts[row, col])), ha="center", va="center", fontsize=7, color=color)
     figure.tight_layout()
     return figure

@@ -5,18 +5,20 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifarlab import tracking
 from cifarlab.callbacks.onnx_export import OnnxExport
+from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
 from cifarlab.metrics import confusion_figure
 from cifarlab.runtime import check_accelerator, write_atomic
@@ -33,13 +35,13 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = _existing_checkpoint(cfg.get("ckpt_path"))
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
-    if rank_zero_only.rank == 0:
+    datamodule: CIFAR10DataModule = instantiate(cfg.data)
+    if _rank() == 0:
         datamodule.load()  # data problems surface before anything is created, and the manifest is known
 
     logger = _open_run(cfg, ckpt_path)
     run_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0:
+    if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         log.info("Run %s in %s, config:\n%s", cfg.run_id, run_dir, config_yaml)
@@ -52,13 +54,15 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[logger] if logger else False)
 
     mlflow = tracking.find_mlflow_logger(trainer.loggers)
-    if mlflow is not None and rank_zero_only.rank == 0:
-        tracking.log_run_start(mlflow, OmegaConf.to_container(cfg, resolve=True), _run_tags(cfg, datamodule))
+    if mlflow is not None and _rank() == 0:
+        params = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: str keys
+        tracking.log_run_start(mlflow, params, _run_tags(cfg, datamodule))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
@@ -66,9 +70,14 @@ def train(cfg: DictConfig) -> float | None:
             _write_test_report(run_dir, model)
 
     if mlflow is not None and trainer.is_global_zero:
-        onnx = next((c.path for c in trainer.callbacks if isinstance(c, OnnxExport)), None)
+        onnx = next((c.path for c in callbacks if isinstance(c, OnnxExport)), None)
         tracking.log_run_end(mlflow, run_dir, onnx, best or None)
     return _optimized_metric(cfg, metrics)
+
+
+def _rank() -> int:
+    """This process's rank in a distributed run: Lightning sets it on rank_zero_only, untyped, before any hook."""
+    return int(getattr(rank_zero_only, "rank", 0))
 
 
 def _existing_checkpoint(path: str | None) -> str | None:
@@ -83,13 +92,13 @@ def _open_run(cfg: DictConfig, ckpt_path: str | None) -> Logger | None:
     """Decide the run id (MLflow's when it tracks, a fresh one otherwise, the old one when resuming), name the
     output folder after it, and instantiate the logger."""
     run_id = _resumed_run(ckpt_path)
-    if rank_zero_only.rank != 0:
+    if _rank() != 0:
         run_id = run_id or os.environ.get(RUN_ID_ENV)
     logger_cfg = cfg.get("logger")
     logger = None
     if logger_cfg and logger_cfg.get("_target_") == MLFLOW_LOGGER_TARGET:
         logger = instantiate(logger_cfg, run_id=run_id, run_name=_run_name(cfg))
-        run_id = logger.run_id if rank_zero_only.rank == 0 else run_id
+        run_id = logger.run_id if _rank() == 0 else run_id
     run_id = run_id or uuid.uuid4().hex
     os.environ[RUN_ID_ENV] = run_id
     with open_dict(cfg):

@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.export.onnx import contract_metadata, export_onnx, verify_onnx
+from cifarlab.models.module import ImageClassifier
 
 
 class OnnxExport(Callback):
@@ -49,7 +51,9 @@ class OnnxExport(Callback):
 
     def _export_new_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint else ""
+        if not isinstance(checkpoint, ModelCheckpoint):
+            return False
+        best = checkpoint.best_model_path
         # The best file keeps its name when it is overwritten, so its score tells a new best apart.
         identity = f"{best}@{checkpoint.best_model_score}" if best else ""
         if not best or identity == self.exported_from:
@@ -61,9 +65,13 @@ class OnnxExport(Callback):
         return True
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, source: str) -> None:
-        datamodule = trainer.datamodule
+        if not isinstance(module, ImageClassifier):
+            raise TypeError(f"ONNX export needs an ImageClassifier, got {type(module).__name__}")
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning at fit time, not declared
+        if not isinstance(datamodule, CIFAR10DataModule):
+            raise TypeError(f"ONNX export reads its metadata from a CIFAR10DataModule, got {type(datamodule).__name__}")
         metadata = contract_metadata(
-            module.class_names, self.run_id, datamodule.dataset.manifest_sha256, checkpoint=Path(source).name
+            module.class_names, self.run_id, datamodule.load().manifest_sha256, checkpoint=Path(source).name
         )
         export_onnx(module.net, self.path, metadata)
         images = datamodule.val_images  # sorted by class: a strided slice covers every class

@@ -70,10 +70,8 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         indices = self._rank_indices()
-        generator = None
-        if self.augmentation is not None:
-            generator = torch.Generator(self.images.device)
-            generator.manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        generator = torch.Generator(self.images.device)
+        generator.manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch_indices = indices[start : start + self.batch_size]
             images = self.images[batch_indices]

@@ -11,6 +11,7 @@ uses numpy, Pillow and the standard library only, so it works without torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -310,7 +311,7 @@ def _iter_directory(root: Path) -> Iterator[Entry]:
 def _iter_zip(path: Path) -> Iterator[Entry]:
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            yield info.filename, None if info.is_dir() else (lambda info=info: archive.read(info))
+            yield info.filename, None if info.is_dir() else functools.partial(archive.read, info)
 
 
 def _iter_tar(path: Path) -> Iterator[Entry]:
@@ -320,7 +321,14 @@ def _iter_tar(path: Path) -> Iterator[Entry]:
             if member.isdir():
                 yield member.name, None
             elif member.isfile():
-                yield member.name, lambda member=member: archive.extractfile(member).read()
+                yield member.name, functools.partial(_read_member, archive, member)
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = archive.extractfile(member)
+    if handle is None:  # only regular files are read, and those always have contents
+        raise DataError(f"{member.name}: not a regular file")
+    return handle.read()
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -347,20 +355,23 @@ def _from_image_folder(
             f"{source}: train/ and test/ found under several folders ({', '.join(prefixes)}); keep one"
         )
     splits = []
+    matched: tuple[str, ...] = ()
     for split in SPLITS:
         found = sorted(key.class_name for key in scan.folders if key.split == split)
         split_dir = describe_member(source, "/".join(filter(None, (prefixes[0], split))))
         if not found:
             raise DataError(f"{split_dir}: no class folders found (expected {split}/<class>/*.jpg|png)")
         # train's classes become what test must match, so the two splits always agree
-        classes = _match_classes(found, classes, split_dir)
-        splits.append(_image_split(scan, source, FolderKey(prefixes[0], split, ""), classes))
-    return classes, *splits
+        matched = _match_classes(found, matched or classes, split_dir)
+        splits.append(_image_split(scan, source, FolderKey(prefixes[0], split, ""), matched))
+    train, test = splits
+    return matched, train, test
 
 
 def _image_split(scan: _Scan, source: Path, split_key: FolderKey, classes: tuple[str, ...]) -> Split:
     """Stack one split: classes in ``classes`` order, images sorted by path within each class."""
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for label, class_name in enumerate(classes):
         key = split_key._replace(class_name=class_name)
         members = sorted(scan.folders[key], key=lambda item: item[0])
@@ -396,7 +407,8 @@ def _from_python_batches(
         parts = [_python_batch(*scan.batches[name], source, names) for name in batch_names]
         labels = np.concatenate([part.labels for part in parts])
         splits.append(Split(np.concatenate([part.images for part in parts]), to_matched[labels]))
-    return matched, *splits
+    train, test = splits
+    return matched, train, test
 
 
 def _python_batch(member: str, data: bytes, source: Path, names: Sequence[str]) -> Split:

@@ -64,6 +64,8 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, 
             )
     finally:
         net.train(was_training)
+    if program is None:  # only the legacy exporter returns nothing
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     model = program.model_proto
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)

@@ -33,6 +33,8 @@ def _batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
 
 
 class AirbenchNet(nn.Module):
+    whitening_fitted: Tensor  # a buffer: saved with the weights, so a loaded model is not refitted
+
     def __init__(
         self,
         num_classes: int = 10,

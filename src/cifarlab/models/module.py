@@ -5,12 +5,13 @@ Hyper-parameters are plain config dicts (network, optimizer, scheduler), saved i
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -24,12 +25,24 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
+@runtime_checkable
+class FitsWhitening(Protocol):
+    """A network whose first layer is fitted to training images before training (airbench's whitening)."""
+
+    whitening_fitted: Tensor
+
+    def fit_whitening(self, images: Tensor) -> None: ...
+
+
 class ClassifierNet(nn.Module):
     """uint8 images [N, H, W, 3] in, logits [N, classes] out: exactly the function exported to ONNX.
 
     The cast, scaling, channel transpose and normalisation live here, so training, evaluation and the
     exported graph share one preprocessing. Permuting NHWC to NCHW yields a channels_last tensor for free.
     """
+
+    mean: Tensor  # buffers, shaped [1, 3, 1, 1]
+    std: Tensor
 
     def __init__(
         self,
@@ -88,9 +101,10 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(arguments, logger=False)  # the run logs the whole composed config instead
         self.class_names = tuple(class_names)
         num_classes = len(self.class_names)
-        self.net = ClassifierNet(instantiate(self.hparams.net, num_classes=num_classes), mean, std, flip_tta)
+        self.net = ClassifierNet(instantiate(self.hparams["net"], num_classes=num_classes), mean, std, flip_tta)
         if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            # torch's type stubs omit Module.to's memory_format keyword, which it accepts and documents
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if compile:
             self.net.compile()
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -106,8 +120,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         backbone = self.net.backbone
-        if hasattr(backbone, "fit_whitening") and not bool(backbone.whitening_fitted):
-            datamodule = self.trainer.datamodule
+        if isinstance(backbone, FitsWhitening) and not bool(backbone.whitening_fitted):
+            datamodule = getattr(self.trainer, "datamodule", None)  # set by Lightning at fit time, not declared
             if datamodule is None or not hasattr(datamodule, "train_images"):
                 raise RuntimeError("this network fits its first layer on training images: train it with a datamodule")
             backbone.fit_whitening(self.net.preprocess(datamodule.train_images[:5000]))
@@ -118,7 +132,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self.net(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams["label_smoothing"])
         # Metric objects accumulate on the device and are reduced once per epoch: no host sync per step.
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), labels)
@@ -157,19 +171,19 @@ class ImageClassifier(L.LightningModule):
         self.test_metrics.reset()
         self.test_loss.reset()
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         # Partial first, call second: Hydra would otherwise try to turn the tensors into config nodes.
-        optimizer = _build("optimizer", self.hparams.optimizer, self._param_groups())
-        if self.hparams.scheduler is None:
+        optimizer = _build("optimizer", self.hparams["optimizer"], self._param_groups())
+        if self.hparams["scheduler"] is None:
             return {"optimizer": optimizer}
         total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = _build("scheduler", self.hparams.scheduler, optimizer, total_steps=total_steps)
+        scheduler = _build("scheduler", self.hparams["scheduler"], optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Normalisation biases may learn at a scaled rate with weight decay scaled inversely, so their
         effective decay per step stays that of every other parameter (airbench's decoupled rates)."""
-        scale = self.hparams.norm_bias_lr_scale
+        scale = self.hparams["norm_bias_lr_scale"]
         norm_biases = [
             module.bias
             for module in self.net.modules()
@@ -179,8 +193,8 @@ class ImageClassifier(L.LightningModule):
         others = [p for p in self.parameters() if p.requires_grad and id(p) not in norm_ids]
         if scale == 1.0:
             return [{"params": others + norm_biases}]
-        lr = self.hparams.optimizer["lr"]
-        weight_decay = self.hparams.optimizer.get("weight_decay", 0.0)
+        lr = self.hparams["optimizer"]["lr"]
+        weight_decay = self.hparams["optimizer"].get("weight_decay", 0.0)
         return [
             {"params": others},
             {"params": norm_biases, "lr": lr * scale, "weight_decay": weight_decay / scale},

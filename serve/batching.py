@@ -130,7 +130,7 @@ class MicroBatcher(Generic[T]):
             start = stop
 
     def _fail_queued(self, error: Exception) -> None:
-        pending = [self._carry] if self._carry else []
+        pending: list[_Item[T] | None] = [self._carry]
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for item in pending:

@@ -19,11 +19,13 @@ import pytest
 from tests.conftest import ROOT, SAMPLE
 
 API_KEY = "test-key-0123456789"
+# uvicorn finishes its graceful shutdown, then re-raises SIGTERM so that the process ends by that signal
+CLEAN_EXIT = (0, -signal.SIGTERM)
 
 
 @dataclass
 class Server:
-    """A `uvicorn serve.app:create_app --factory` subprocess on a loopback socket bound by the test."""
+    """A `uvicorn serve.app:create_app --factory` subprocess on a free loopback port."""
 
     env: dict[str, str]
     log_path: Path
@@ -34,23 +36,24 @@ class Server:
     _log: io.BufferedWriter | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 60.0) -> "Server":
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))  # bound here and handed over: no race for a free port
-        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with socket.socket() as probe:
+            # Not `--fd`: uvicorn would listen on a duplicate and the inherited socket would keep accepting
+            # connections after shutdown, hiding exactly what the SIGTERM test checks.
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "MODEL_URI")}
         self.process = subprocess.Popen(
             [
                 *(self.python, "-m", "uvicorn", "serve.app:create_app", "--factory", "--no-access-log"),
-                *("--fd", str(listener.fileno()), "--timeout-graceful-shutdown", "10"),
+                *("--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "10"),
             ],
             cwd=self.cwd,
             env={**env, "PYTHONUNBUFFERED": "1", **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            pass_fds=[listener.fileno()],
         )
-        listener.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

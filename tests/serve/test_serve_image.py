@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.serve.conftest import Server
+from tests.serve.conftest import CLEAN_EXIT, Server
 
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements" / "serve.txt"
@@ -121,7 +121,7 @@ def test_the_image_dependency_set_serves_end_to_end_without_torch(image_venv, on
         assert smoke.returncode == 0, smoke.stderr + server.log()[-2000:]
         assert smoke.stdout.startswith("ok: ") and "->" in smoke.stdout
     finally:
-        assert server.stop() == 0
+        assert server.stop() in CLEAN_EXIT
 
 
 def test_mlflow_uri_without_mlflow_says_how_to_fix_it(image_venv, tmp_path):

@@ -21,7 +21,7 @@ CHECKS = [
 ]
 
 
-def test_schemathesis_finds_no_failures(server, tmp_path):
+def test_schemathesis_finds_no_failures(server):
     schemathesis = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert schemathesis, "schemathesis not found: pip install -e '.[dev]'"
     result = subprocess.run(
@@ -29,12 +29,11 @@ def test_schemathesis_finds_no_failures(server, tmp_path):
             *(schemathesis, "run", f"{server.url}/openapi.json", "--checks", ",".join(CHECKS)),
             *("--header", f"X-API-Key: {API_KEY}", "--max-examples", "8", "--seed", "1", "--workers", "1"),
             *("--phases", "coverage,fuzzing", "--no-color", "--generation-database", "none"),
-            *("--request-timeout", "20", "--report", "junit", "--report-dir", str(tmp_path)),
+            *("--request-timeout", "20"),
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout or " passed" in result.stdout, result.stdout[-3000:]
-    assert "/v1/predict" in result.stdout or (tmp_path / "junit.xml").read_text().count("/v1/predict")
+    assert "Tested: 6" in result.stdout, result.stdout[-3000:]  # every operation of the schema was exercised

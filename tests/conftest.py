@@ -79,7 +79,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path) -> P
         patch.setenv("PROJECT_ROOT", str(ROOT))
         patch.delenv("CIFAR10_SOURCE", raising=False)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = compose_config(tmp_path_factory.mktemp("tiny_run"), prepared_root, *TINY, "logger=csv")
+        cfg = compose_config(tmp_path_factory.mktemp("tiny_run"), prepared_root, *TINY, "logger=csv", "test=false")
         train(cfg)
     GlobalHydra.instance().clear()
     return Path(cfg.paths.output_dir)

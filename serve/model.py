@@ -74,7 +74,9 @@ def load_model(settings: Settings, uri: str | None = None) -> LoadedModel:
     source = resolve(uri, settings)
     try:
         data = source.path.read_bytes()
-        session = ort.InferenceSession(data, session_options(settings), providers=["CPUExecutionProvider"])
+        # From the path, not the bytes: weights stored as external data (MLflow's ONNX flavour does that) are
+        # found beside the file.
+        session = ort.InferenceSession(str(source.path), session_options(settings), providers=["CPUExecutionProvider"])
     except Exception as error:
         raise ModelLoadError(f"cannot load {uri} ({source.path}) in ONNX Runtime: {error}") from error
     metadata = dict(session.get_modelmeta().custom_metadata_map)

@@ -14,7 +14,8 @@ def test_models_alias_uri_loads_the_registered_version(onnx_model, tmp_path, mon
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run():
+    experiment = mlflow.create_experiment("serve", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_model)), name="model", registered_model_name="cifarlab")
     client = MlflowClient(tracking_uri)
     client.set_registered_model_alias("cifarlab", "champion", info.registered_model_version)

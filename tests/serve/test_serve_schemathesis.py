@@ -21,7 +21,7 @@ CHECKS = [
 ]
 
 
-def test_schemathesis_finds_no_failures(server):
+def test_schemathesis_finds_no_failures(server, tmp_path):
     schemathesis = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert schemathesis, "schemathesis not found: pip install -e '.[dev]'"
     result = subprocess.run(
@@ -31,6 +31,7 @@ def test_schemathesis_finds_no_failures(server):
             *("--phases", "coverage,fuzzing", "--no-color", "--generation-database", "none"),
             *("--request-timeout", "20"),
         ],
+        cwd=tmp_path,  # its cache folder stays out of the repository
         capture_output=True,
         text=True,
         timeout=300,

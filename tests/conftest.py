@@ -44,25 +44,45 @@ def compose_train(tmp_path: Path, prepared_root: Path) -> Callable[..., DictConf
     """Compose configs/train.yaml as Hydra would for `python train.py <overrides>`, writing into tmp_path."""
 
     def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(
-                config_name,
-                overrides=[
-                    f"paths.runs_dir={tmp_path / 'runs'}",
-                    f"paths.log_dir={tmp_path / 'logs'}",
-                    f"data.prepared_root={prepared_root}",
-                    *overrides,
-                ],
-                return_hydra_config=True,
-            )
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra  # train() sees what @hydra.main hands a task
-        return cfg
+        return compose_config(tmp_path, prepared_root, *overrides, config_name=config_name)
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def compose_config(out_dir: Path, prepared_root: Path, *overrides: str, config_name: str = "train") -> DictConfig:
+    """The composition behind `compose_train`, for fixtures of wider scope."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name,
+            overrides=[
+                f"paths.runs_dir={out_dir / 'runs'}",
+                f"paths.log_dir={out_dir / 'logs'}",
+                f"data.prepared_root={prepared_root}",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # train() sees what @hydra.main hands a task
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path) -> Path:
+    """One tiny model trained and exported once per session: its run folder (checkpoints/best.ckpt, model.onnx)."""
+    from cifarlab.train import train
+
+    with pytest.MonkeyPatch.context() as patch:  # what the function-scoped `project_root` sets for tests
+        patch.setenv("PROJECT_ROOT", str(ROOT))
+        patch.delenv("CIFAR10_SOURCE", raising=False)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = compose_config(tmp_path_factory.mktemp("tiny_run"), prepared_root, *TINY, "logger=csv", "test=false")
+        train(cfg)
+    GlobalHydra.instance().clear()
+    return Path(cfg.paths.output_dir)
 
 
 @pytest.fixture

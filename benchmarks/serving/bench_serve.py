@@ -1,0 +1,281 @@
+"""Serving benchmark: the ONNX Runtime service (serve/) against a FastAPI + PyTorch-eager baseline, same run,
+same machine, same load generator. Writes JSON and a Markdown table.
+
+    python -m benchmarks.serving.bench_serve            # make bench-serve
+    python -m benchmarks.serving.bench_serve --models airbench --duration 3 --load-requests 2000
+
+Measures, per network (airbench, resnet18; untrained weights, which do not change speed):
+raw ONNX Runtime at batch 1 and 64 and PyTorch eager at batch 1 and 64; p50/p99 latency and throughput through
+HTTP at each concurrency for both servers; ONNX Runtime spin-waiting on vs off; and a long load run with the
+server's resident memory sampled every 1,000 requests.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.serving.loadgen import multipart_request, run_load
+from benchmarks.serving.nets import build
+from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab.export.onnx import contract_metadata, export_onnx
+from serve.model import load_model
+from serve.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
+HOST = "127.0.0.1"
+
+
+def median_seconds(call: Callable[[], object], budget: float = 1.5, min_runs: int = 10) -> float:
+    """Median wall time of `call`, repeated for about `budget` seconds after a warm-up."""
+    for _ in range(3):
+        call()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget
+    while time.perf_counter() < deadline or len(times) < min_runs:
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def raw_numbers(net: torch.nn.Module, onnx_path: Path) -> dict[str, float]:
+    """Milliseconds per call and images per second, ONNX Runtime as the server configures it vs PyTorch eager."""
+    model = load_model(Settings(model_uri=str(onnx_path)))
+    result: dict[str, float] = {}
+    for batch in (1, 64):
+        images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        tensor = torch.from_numpy(images)
+        ort_s = median_seconds(lambda: model.logits(images))  # noqa: B023 - called within the iteration
+        with torch.no_grad():
+            torch_s = median_seconds(lambda: net(tensor))  # noqa: B023
+        result[f"ort_b{batch}_ms"] = 1000 * ort_s
+        result[f"torch_b{batch}_ms"] = 1000 * torch_s
+        result[f"ort_b{batch}_ips"] = batch / ort_s
+        result[f"torch_b{batch}_ips"] = batch / torch_s
+    result["ort_vs_torch_b1"] = result["torch_b1_ms"] / result["ort_b1_ms"]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def server(app: list[str], env: dict[str, str], probe: str) -> Iterator[tuple[int, int]]:
+    """A uvicorn subprocess on loopback: (port, pid); stopped with SIGTERM on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", *app, "--host", HOST, "--port", str(port), "--no-access-log"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{HOST}:{port}{probe}", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(command)} did not start") from None
+                time.sleep(0.2)
+        yield port, process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def ours(model: Path, **settings: str) -> tuple[list[str], dict[str, str], str, str]:
+    env = {"MODEL_URI": str(model), **{k.upper(): v for k, v in settings.items()}}
+    return ["serve.app:create_app", "--factory"], env, "/readyz", "/v1/predict"
+
+
+def baseline(net: str, weights: Path) -> tuple[list[str], dict[str, str], str, str]:
+    env = {"BASELINE_NET": net, "BASELINE_WEIGHTS": str(weights)}
+    return ["benchmarks.serving.baseline_server:app"], env, "/docs", "/predict"
+
+
+def http_numbers(spec: tuple, image: bytes, concurrencies: list[int], duration: float) -> list[dict[str, float]]:
+    app, env, probe, path = spec
+    rows = []
+    with server(app, env, probe) as (port, _):
+        request = multipart_request(HOST, port, path, image)
+        for concurrency in concurrencies:
+            asyncio.run(run_load(HOST, port, request, concurrency, duration=min(1.0, duration)))  # warm-up
+            rows.append(asyncio.run(run_load(HOST, port, request, concurrency, duration=duration)).summary())
+            print(f"    c={concurrency:<3} {_fmt(rows[-1])}", flush=True)
+    return rows
+
+
+def load_run(spec: tuple, image: bytes, total: int, concurrency: int) -> dict[str, object]:
+    """`total` requests at `concurrency`; the server's RSS after every 1,000."""
+    app, env, probe, path = spec
+    with server(app, env, probe) as (port, pid):
+        rss: list[int] = []
+
+        def sample(done: int) -> None:
+            if done % 1000 == 0:
+                rss.append(_rss_bytes(pid))
+
+        result = asyncio.run(
+            run_load(
+                HOST, port, multipart_request(HOST, port, path, image), concurrency, total=total, on_progress=sample
+            )
+        )
+    summary = result.summary()
+    first, last = rss[0], rss[-1]
+    return {**summary, "rss_mb": [round(r / 2**20, 1) for r in rss], "rss_growth": (last - first) / first}
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _fmt(row: dict[str, float]) -> str:
+    return (
+        f"{row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
+        f"errors {row['errors']}"
+    )
+
+
+def test_image() -> bytes:
+    with tarfile.open(SAMPLE) as archive:
+        for member in archive:
+            if member.isfile() and "/test/" in member.name:
+                handle = archive.extractfile(member)
+                assert handle is not None
+                return handle.read()
+    raise SystemExit(f"no test image in {SAMPLE}")
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Serving benchmark ({report['machine']})",
+        "",
+        "Untrained weights (speed does not depend on them). One uvicorn worker per server; the load generator "
+        "runs on the same machine. Medians of wall time; the machine may be shared, so treat small "
+        "differences as noise.",
+        "",
+        "## Raw model, one process",
+        "",
+        "| network | ORT b1 ms | torch b1 ms | ORT vs torch b1 | ORT b64 img/s | torch b64 img/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["models"].items():
+        raw = entry["raw"]
+        lines.append(
+            f"| {name} | {raw['ort_b1_ms']:.2f} | {raw['torch_b1_ms']:.2f} | {raw['ort_vs_torch_b1']:.2f}x | "
+            f"{raw['ort_b64_ips']:.0f} | {raw['torch_b64_ips']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Through HTTP (one JPEG per request)",
+        "",
+        "| network | server | concurrency | req/s | p50 ms | p99 ms | errors | vs raw ORT b64 | p99 / (c / req/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["models"].items():
+        for server_name, rows in entry["http"].items():
+            for row in rows:
+                ratio = row["throughput_rps"] / entry["raw"]["ort_b64_ips"]
+                bound = row["p99_ms"] / (1000 * row["concurrency"] / max(row["throughput_rps"], 1e-9))
+                lines.append(
+                    f"| {name} | {server_name} | {row['concurrency']} | {row['throughput_rps']:.0f} | "
+                    f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']} | {ratio:.2f}x | {bound:.2f} |"
+                )
+    if "spin" in report:
+        lines += [
+            "",
+            "## ONNX Runtime spin-waiting (airbench, our server)",
+            "",
+            "| spin | concurrency | req/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|",
+        ]
+        for setting, rows in report["spin"].items():
+            for row in rows:
+                lines.append(
+                    f"| {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | {row['p50_ms']:.2f} | "
+                    f"{row['p99_ms']:.2f} |"
+                )
+    if "load" in report:
+        load = report["load"]
+        lines += [
+            "",
+            f"## Load run: {load['requests'] + load['errors']} requests at concurrency {load['concurrency']}",
+            "",
+            f"{load['errors']} errors, {load['throughput_rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
+            f"p99 {load['p99_ms']:.2f} ms. Server RSS every 1,000 requests (MB): {load['rss_mb']}; growth first to "
+            f"last thousand: {100 * load['rss_growth']:.1f}%.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="serving benchmark: serve/ vs a PyTorch-eager baseline")
+    parser.add_argument("--models", nargs="+", default=["airbench", "resnet18"], choices=["airbench", "resnet18"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--load-requests", type=int, default=10_000, help="0 skips the load run")
+    parser.add_argument("--load-concurrency", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving" / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    image = test_image()
+    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "models": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        files = Path(scratch)
+        for name in args.models:
+            net = build(name)
+            onnx_path = export_onnx(
+                net, files / f"{name}.onnx", contract_metadata(CIFAR10_CLASSES, f"bench-{name}", "0" * 64)
+            )
+            torch.save(net.state_dict(), files / f"{name}.pt")
+            print(f"{name}: raw model", flush=True)
+            entry = {"raw": raw_numbers(net, onnx_path), "http": {}}
+            for server_name, spec in (
+                ("onnx (serve/)", ours(onnx_path)),
+                ("torch baseline", baseline(name, files / f"{name}.pt")),
+            ):
+                print(f"  {server_name}", flush=True)
+                entry["http"][server_name] = http_numbers(spec, image, args.concurrency, args.duration)
+            report["models"][name] = entry
+        first = args.models[0]
+        print(f"{first}: spin-waiting on", flush=True)
+        spin_on = http_numbers(ours(files / f"{first}.onnx", ort_spin_wait="1"), image, [1, 64], args.duration)
+        spin_off = [row for row in report["models"][first]["http"]["onnx (serve/)"] if row["concurrency"] in (1, 64)]
+        report["spin"] = {"off (default)": spin_off, "on": spin_on}
+        if args.load_requests:
+            print(
+                f"{first}: load run, {args.load_requests} requests at concurrency {args.load_concurrency}", flush=True
+            )
+            report["load"] = load_run(ours(files / f"{first}.onnx"), image, args.load_requests, args.load_concurrency)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(report, indent=2))
+    (args.out / "serve.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Prometheus metrics under the names agreed in CONTRACT-serve.md, in one registry per app."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = tuple(i / 10 for i in range(1, 11))
+
+
+class Metrics:
+    """All of the service's metrics. A registry of its own: several apps in one process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "cifarlab_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "cifarlab_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("cifarlab_http_requests_in_flight", "HTTP requests being served", registry=r)
+        self.batch_size = Histogram(
+            "cifarlab_batch_size", "images per model call", ["variant"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_duration = Histogram(
+            "cifarlab_inference_duration_seconds",
+            "time of one model call",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter("cifarlab_predictions_total", "predicted labels", ["variant", "label"], registry=r)
+        self.confidence = Histogram(
+            "cifarlab_prediction_confidence",
+            "probability of the predicted label",
+            ["variant"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "cifarlab_model_info", "the model being served (=1)", ["variant", "version", "run_id", "sha256"], registry=r
+        )
+        self.model_ready = Gauge("cifarlab_model_ready", "1 when a model is loaded and warm", ["variant"], registry=r)
+        self.reloads = Counter(
+            "cifarlab_model_reloads_total", "model reloads by result", ["variant", "result"], registry=r
+        )
+
+    def set_model(self, variant: str, version: str, run_id: str, sha256: str) -> None:
+        """Point the model-info gauge at the model now serving (one series per variant)."""
+        self.model_info.clear()
+        self.model_info.labels(variant=variant, version=version, run_id=run_id, sha256=sha256).set(1)
+        self.model_ready.labels(variant=variant).set(1)

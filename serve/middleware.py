@@ -1,0 +1,120 @@
+"""Pure ASGI middleware: request ids, metrics and one JSON log line per request; the body size limit."""
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.errors import ApiError, error_body
+from serve.service import Service
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (the client's X-Request-ID if sane, else a new one) and returns it; counts,
+    times and logs every request. Handlers add log fields through `request.state.log`."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500  # what the client sees if the app raises before answering
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        metrics = self.service.metrics
+        metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
+            method = scope["method"]
+            metrics.requests.labels(route=route, method=method, status=str(status)).inc()
+            metrics.request_duration.labels(route=route, method=method).observe(elapsed)
+            fields: dict[str, Any] = {
+                "request_id": request_id,
+                "method": method,
+                "route": route,
+                "path": scope["path"],
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 3),
+                **state.get("log", {}),
+            }
+            self.service.log.info("request", extra=fields)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes` with 413: by Content-Length up front, and by counting the bytes actually
+    received, which also covers chunked bodies that declare no length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, self._too_large())
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()  # an HTTPException: the app's error handler answers it
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except ApiError as error:
+            if started:
+                raise
+            await self._refuse(scope, send, error)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, "body_too_large", f"request body over the limit of {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, error: ApiError) -> None:
+        body = json.dumps(error_body(error.code, error.message, request_id_of(scope))).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

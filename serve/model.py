@@ -1,0 +1,171 @@
+"""An ONNX model under the model contract (docs/model-contract.md): where it comes from, its session, its metadata."""
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.settings import Settings
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+IMAGE_SHAPE = (32, 32, 3)
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+class ModelLoadError(Exception):
+    """The model could not be resolved, read or checked against the contract; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    name: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One loaded, warmed-up model. Immutable: a reload builds a new one and swaps the reference."""
+
+    session: ort.InferenceSession
+    uri: str
+    path: Path
+    name: str
+    version: str
+    sha256: str
+    classes: tuple[str, ...]
+    metadata: dict[str, str]
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def run_id(self) -> str:
+        return self.metadata.get("run_id", "")
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits float32 [N, classes] for uint8 images [N, 32, 32, 3]. Blocking: call it off the event loop."""
+        outputs = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
+        return np.asarray(outputs[0], dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "uri": self.uri,
+            "sha256": self.sha256,
+            "classes": list(self.classes),
+            "input_spec": json.loads(self.metadata.get("input_spec", "{}")),
+            "output_spec": json.loads(self.metadata.get("output_spec", "{}")),
+            "contract_version": self.metadata.get("contract_version", ""),
+            "data_manifest_sha256": self.metadata.get("data_manifest_sha256", ""),
+            "loaded_at": self.loaded_at,
+        }
+
+
+def load_model(settings: Settings, uri: str | None = None) -> LoadedModel:
+    """Resolve `uri` (default: settings.model_uri), open it in ONNX Runtime, check the contract and warm it up."""
+    uri = uri or settings.model_uri
+    source = resolve(uri, settings)
+    try:
+        data = source.path.read_bytes()
+        # From the path, not the bytes: weights stored as external data (MLflow's ONNX flavour does that) are
+        # found beside the file.
+        session = ort.InferenceSession(str(source.path), session_options(settings), providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ModelLoadError(f"cannot load {uri} ({source.path}) in ONNX Runtime: {error}") from error
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    classes = _check_contract(session, metadata, uri)
+    sha256 = hashlib.sha256(data).hexdigest()
+    model = LoadedModel(
+        session=session,
+        uri=uri,
+        path=source.path,
+        name=source.name,
+        version=source.version or sha256[:12],
+        sha256=sha256,
+        classes=classes,
+        metadata=metadata,
+    )
+    warm_up(model, settings.max_batch_size)
+    return model
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.ort_intra_op_threads
+    options.inter_op_num_threads = 1
+    spin = "1" if settings.ort_spin_wait else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return options
+
+
+def warm_up(model: LoadedModel, max_batch_size: int) -> None:
+    """Run the batch sizes the server will see first, so the first requests do not pay for allocation."""
+    for batch in sorted({1, max_batch_size}):
+        logits = model.logits(np.zeros((batch, *IMAGE_SHAPE), dtype=np.uint8))
+        if logits.shape != (batch, len(model.classes)) or not np.isfinite(logits).all():
+            raise ModelLoadError(f"{model.uri} gives logits of shape {logits.shape} (or non-finite) on a warm-up batch")
+
+
+def resolve(uri: str, settings: Settings) -> ModelSource:
+    """A local path as is; an MLflow URI downloaded through the MLflow client into its local cache."""
+    if not uri.startswith(MLFLOW_SCHEMES):
+        path = Path(uri)
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {uri}")
+        return ModelSource(path, settings.model_name, settings.model_version)
+    return _resolve_mlflow(uri)
+
+
+def _resolve_mlflow(uri: str) -> ModelSource:
+    try:
+        # Imported here: the image does not ship MLflow; only a models:/ or runs:/ URI needs it.
+        import mlflow.artifacts
+        from mlflow import MlflowClient
+    except ImportError as error:
+        raise ModelLoadError(
+            f"{uri} is an MLflow URI, and MLflow is not installed: `pip install mlflow-skinny`, "
+            "or mount the .onnx file and give its path"
+        ) from error
+    name, version = None, None
+    if uri.startswith("models:/"):
+        name, _, ref = uri.removeprefix("models:/").partition("@")
+        try:
+            if ref:
+                version = MlflowClient().get_model_version_by_alias(name, ref).version
+            else:
+                name, _, version = name.partition("/")
+        except Exception as error:
+            raise ModelLoadError(f"cannot resolve {uri} in the MLflow registry: {error}") from error
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as error:
+        raise ModelLoadError(f"cannot download {uri} from MLflow: {error}") from error
+    files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
+    if len(files) != 1:
+        raise ModelLoadError(f"{uri} holds {len(files)} .onnx files; expected exactly one")
+    return ModelSource(files[0], name or files[0].stem, str(version) if version else None)
+
+
+def _check_contract(session: ort.InferenceSession, metadata: dict[str, str], uri: str) -> tuple[str, ...]:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)":
+        raise ModelLoadError(f"{uri} does not take one uint8 input named {INPUT_NAME!r} (docs/model-contract.md)")
+    if list(inputs[0].shape[1:]) != list(IMAGE_SHAPE):
+        raise ModelLoadError(f"{uri} takes images of shape {inputs[0].shape}, the contract says [N, 32, 32, 3]")
+    if OUTPUT_NAME not in [o.name for o in outputs]:
+        raise ModelLoadError(f"{uri} has no output named {OUTPUT_NAME!r}")
+    try:
+        classes = json.loads(metadata["classes"])
+    except (KeyError, ValueError) as error:
+        raise ModelLoadError(f"{uri} has no valid 'classes' metadata: not exported under the model contract") from error
+    if not classes or not all(isinstance(c, str) for c in classes):
+        raise ModelLoadError(f"{uri} has an invalid 'classes' list: {classes!r}")
+    return tuple(classes)

@@ -1,0 +1,132 @@
+"""A real uvicorn server on loopback serving the session's tiny model, and real test images from the sample."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, SAMPLE
+
+API_KEY = "test-key-0123456789"
+# uvicorn finishes its graceful shutdown, then re-raises SIGTERM so that the process ends by that signal
+CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+@dataclass
+class Server:
+    """A `uvicorn serve.app:create_app --factory` subprocess on a free loopback port."""
+
+    env: dict[str, str]
+    log_path: Path
+    python: str = sys.executable
+    cwd: Path = ROOT
+    process: subprocess.Popen | None = None
+    url: str = ""
+    _log: io.BufferedWriter | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        with socket.socket() as probe:
+            # Not `--fd`: uvicorn would listen on a duplicate and the inherited socket would keep accepting
+            # connections after shutdown, hiding exactly what the SIGTERM test checks.
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "MODEL_URI")}
+        self.process = subprocess.Popen(
+            [
+                *(self.python, "-m", "uvicorn", "serve.app:create_app", "--factory", "--no-access-log"),
+                *("--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "10"),
+            ],
+            cwd=self.cwd,
+            env={**env, "PYTHONUNBUFFERED": "1", **self.env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        if self._log:
+            self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def json_logs(self) -> list[dict]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tiny_run: Path) -> Path:
+    return tiny_run / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def test_images() -> list[tuple[str, str, bytes]]:
+    """(class, file name, JPEG bytes) of the sample's test images, 4 per class."""
+    images: dict[str, list[tuple[str, str, bytes]]] = {}
+    with tarfile.open(SAMPLE) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if member.isfile() and parts[1] == "test" and len(images.setdefault(parts[2], [])) < 4:
+                handle = archive.extractfile(member)
+                assert handle is not None
+                images[parts[2]].append((parts[2], parts[3], handle.read()))
+    return [image for per_class in images.values() for image in per_class]
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server as deployed: API key on, small limits so that tests can cross them cheaply."""
+    env = {
+        "MODEL_URI": str(onnx_model),
+        "API_KEY": API_KEY,
+        "MAX_BODY_BYTES": str(256 * 1024),
+        "MAX_IMAGES_PER_REQUEST": "8",
+        "MAX_IMAGE_PIXELS": str(1024 * 1024),
+        "MAX_BATCH_SIZE": "16",
+    }
+    running = Server(env, tmp_path_factory.mktemp("server") / "server.log").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+        yield http

@@ -23,13 +23,13 @@ def check_accelerator(accelerator: str) -> None:
         raise ConfigError("no CUDA GPU is available on this machine; use trainer.accelerator=auto (or trainer=cpu)")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text so that readers see the old file or the new one, never a half-written one."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write text (or bytes) so that readers see the old file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb" if isinstance(content, bytes) else "w") as handle:
+            handle.write(content)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -7,8 +7,7 @@ printed and recorded as tags on the challenger version. See cifarlab.registry.
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent.parent))
 
 import hydra
 from omegaconf import DictConfig

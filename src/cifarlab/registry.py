@@ -66,9 +66,7 @@ def promote(cfg: DictConfig) -> Decision:
     challenger_score = _score(cfg, challenger)
     champion_score = None if champion is None else _score(cfg, champion)
     promoted = champion_score is None or challenger_score > champion_score + cfg.margin
-    decision = Decision(
-        promoted, challenger.version, champion and champion.version, challenger_score, champion_score
-    )
+    decision = Decision(promoted, challenger.version, champion and champion.version, challenger_score, champion_score)
     if promoted:
         client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, challenger.version)
     _record(client, cfg, decision)
@@ -104,8 +102,13 @@ def _score(cfg: DictConfig, version: ModelVersion) -> float:
                 artifact_uri=f"models:/{version.name}/{version.version}", dst_path=folder, tracking_uri=cfg.tracking_uri
             )
             eval_cfg = OmegaConf.merge(
-                cfg, {"ckpt_path": None, "onnx_path": str(Path(model_dir) / ONNX_FILE), "report_dir": None,
-                      "metrics_path": str(Path(folder) / "test_metrics.json")}
+                cfg,
+                {
+                    "ckpt_path": None,
+                    "onnx_path": str(Path(model_dir) / ONNX_FILE),
+                    "report_dir": None,
+                    "metrics_path": str(Path(folder) / "test_metrics.json"),
+                },
             )
             summary = evaluate(eval_cfg)
         except Exception as error:  # whatever the cause, the decision cannot be made: report it, change nothing

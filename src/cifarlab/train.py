@@ -77,7 +77,9 @@ def train(cfg: DictConfig) -> float | None:
 
 def _publish(cfg: DictConfig, best: str, onnx: Path | None, model: Any, version: str | None) -> None:
     if not best or onnx is None or not onnx.exists():
-        raise ConfigError("publish_dir needs a best checkpoint and its ONNX export (callbacks=default, no fast_dev_run)")
+        raise ConfigError(
+            "publish_dir needs a best checkpoint and its ONNX export (callbacks=default, no fast_dev_run)"
+        )
     config = OmegaConf.to_container(cfg, resolve=True)
     written = publish_model(Path(cfg.publish_dir), Path(best), onnx, config, model.test_report, version)
     log.info("Published %s", ", ".join(map(str, written)))

@@ -46,30 +46,30 @@ class Emulator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = create_server("127.0.0.1", self.port, in_memory=True, default_bucket=BUCKET)
-        self.hold: Callable[[str, str], bool] | None = None  # (method, path) -> hold this request?
+        self.hold: Callable[[str, str], bool] | None = None  # (HTTP method, path) -> hold this request?
         self.held = threading.Event()  # set when a request is being held
         self.release = threading.Event()
         self._install_gate()
 
     def _install_gate(self) -> None:
-        handler_class = self.server._server.RequestHandlerClass  # the emulator's http.server handler
+        from gcp_storage_emulator import server
+
         emulator = self
 
-        def gated(method_name: str) -> Callable:
-            original = getattr(handler_class, method_name)
-
-            def handle(handler, *args, **kwargs):
+        def gated(original: Callable) -> Callable:
+            def handle(handler: server.RequestHandler) -> None:
                 hold = emulator.hold
-                if hold is not None and hold(method_name.removeprefix("do_"), handler.path):
+                if hold is not None and hold(handler.command, handler.path):
                     emulator.hold = None
                     emulator.held.set()
-                    emulator.release.wait(30)
-                return original(handler, *args, **kwargs)
+                    emulator.release.wait(60)
+                original(handler)
 
             return handle
 
+        # The emulator serves one request at a time, so a held request stalls the client until it is released.
         for name in ("do_GET", "do_POST", "do_PUT"):
-            setattr(handler_class, name, gated(name))
+            setattr(server.RequestHandler, name, gated(getattr(server.RequestHandler, name)))
 
     def objects(self) -> list[str]:
         listing = f"{self.url}/storage/v1/b/{BUCKET}/o"
@@ -127,7 +127,7 @@ def git(repo: Path, *args: str) -> str:
     ).stdout
 
 
-# The tiny recipe the tests' pipeline trains: the real pipeline experiment's paths, TINY's sizes, no tracking.
+# The tiny recipe the tests' pipeline trains: TINY's sizes, no tracking.
 TINY_PIPELINE = """# @package _global_
 defaults:
   - override /debug: limit
@@ -138,9 +138,6 @@ trainer:
 model:
   net:
     widths: [16, 32, 32]
-data:
-  source: ${paths.data_dir}/prepared/cifar10
-publish_dir: ${paths.root_dir}/models
 """
 assert "model.net.widths=[16,32,32]" in TINY and "debug=limit" in TINY  # keep in step with the suite's TINY
 

@@ -12,12 +12,16 @@ from pathlib import Path
 import yaml
 
 from cifarlab.export.onnx import read_metadata
-
 from tests.conftest import ROOT
 from tests.pipeline.conftest import BUCKET, REMOTE, Emulator, dvc, dvc_env, free_port
 
-TRACKED = ("data/raw/cifar10.tar.gz", "data/prepared/cifar10", "models/best.ckpt", "models/model.onnx",
-           "models/model_card.md")
+TRACKED = (
+    "data/raw/cifar10.tar.gz",
+    "data/prepared/cifar10",
+    "models/best.ckpt",
+    "models/model.onnx",
+    "models/model_card.md",
+)
 
 
 def tracked_files(repo: Path) -> dict[str, str]:
@@ -54,7 +58,7 @@ def test_stages_take_their_params_from_the_hydra_configs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["prepare", "train", "evaluate"]
     train = stages["train"]
-    assert train["cmd"] == "python train.py experiment=pipeline"
+    assert train["cmd"].startswith("python train.py experiment=pipeline ")
     assert train["params"] == [{"configs/experiment/pipeline.yaml": None}]
     assert "configs" in train["deps"] and "data/prepared/cifar10" in train["deps"]
     assert not (ROOT / "params.yaml").exists()  # no second copy of the hyper-parameters
@@ -69,7 +73,9 @@ def test_pipeline_push_delete_pull_is_byte_identical(pipeline_repo: Path, gcs: E
     card = (repo / "models" / "model_card.md").read_text()
     run_id = read_metadata(repo / "models" / "model.onnx")["run_id"]
     assert f"Run: `{run_id}`" in card and "| airplane |" in card
-    assert (repo / "runs" / run_id / "checkpoints" / "best.ckpt").read_bytes() == (repo / "models" / "best.ckpt").read_bytes()
+    assert (repo / "runs" / run_id / "checkpoints" / "best.ckpt").read_bytes() == (
+        repo / "models" / "best.ckpt"
+    ).read_bytes()
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     assert json.dumps(shown).count('"acc"') >= 1
     before = tracked_files(repo)
@@ -94,7 +100,7 @@ def test_repro_reruns_only_what_a_change_touches(pipeline_repo: Path):
     recipe = repo / "configs" / "experiment" / "pipeline.yaml"
     original = recipe.read_text()
     try:
-        recipe.write_text(original.replace("publish_dir:", "optimizer:\n  lr: 0.07\npublish_dir:"))
+        recipe.write_text(original + "optimizer:\n  lr: 0.07\n")
         changed = status(repo)
     finally:
         recipe.write_text(original)
@@ -199,4 +205,3 @@ def test_interrupted_pull_never_leaves_a_partial_file(pipeline_repo: Path, gcs: 
     dvc(repo, "pull")
     assert tracked_files(repo) == before
     assert status(repo) == {}
-

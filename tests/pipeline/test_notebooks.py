@@ -2,7 +2,6 @@
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
@@ -23,7 +22,9 @@ def execute(name: str) -> list[dict]:
     except ImportError as error:
         raise RuntimeError("nbclient/nbformat are not installed: run `make venv` (the 'pipeline' extra)") from error
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     return notebook.cells
 
 
@@ -75,4 +76,3 @@ def test_run_comparison_shows_the_runs_and_the_champion(monkeypatch, mlflow_serv
     assert f"champion: {name} version {version}, run {trained_version['run_id']}" in text
     assert trained_version["run_id"] in text and "finished runs" in text
     assert images_in(cells) == 1
-

@@ -4,6 +4,7 @@ server, each started once per session, and a throwaway copy of the repository fo
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -109,15 +110,29 @@ def dvc_env(repo: Path) -> dict[str, str]:
     }
 
 
-def dvc(repo: Path, *args: str, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+def dvc(repo: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run DVC in `repo`; on a timeout its whole process group goes (a stage's training included)."""
     dvc_bin = Path(sys.executable).parent / "dvc"
     if not dvc_bin.exists():
         raise RuntimeError(_missing("dvc"))
-    result = subprocess.run(
-        [str(dvc_bin), *args], cwd=repo, env=dvc_env(repo), capture_output=True, text=True, timeout=timeout
+    process = subprocess.Popen(
+        [str(dvc_bin), *args],
+        cwd=repo,
+        env=dvc_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{stdout}\n{stderr}")
     return result
 
 
@@ -172,7 +187,7 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory, gcs: Emulator) -> Pa
     dvc(repo, "remote", "modify", "--local", REMOTE, "allow_anonymous_login", "true")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "tiny pipeline")
-    dvc(repo, "repro", timeout=400)
+    dvc(repo, "repro", timeout=900)
     return repo
 
 

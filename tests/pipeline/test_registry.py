@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 
 from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata
 from cifarlab.models.airbench import AirbenchNet
@@ -73,15 +74,15 @@ def promotion_tags(server: str, name: str, version: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k.startswith("promotion.")}
 
 
-def test_training_registers_its_onnx_export_as_the_challenger(mlflow_server, trained_version):
+def test_training_registers_its_onnx_export_as_the_challenger(mlflow_server, trained_version, tmp_path):
+    name = trained_version["name"]
     client = MlflowClient(mlflow_server)
-    version = client.get_model_version_by_alias(trained_version["name"], CHALLENGER_ALIAS)
+    version = client.get_model_version_by_alias(name, CHALLENGER_ALIAS)
     assert version.run_id == trained_version["run_id"]
-    assert version.source.endswith("onnx_model") or "models" in version.source
-    local = Path(client.download_artifacts(version.run_id, "onnx_model", str(trained_version["run_dir"] / "dl")))
-    assert read_metadata(local / "model.onnx")["run_id"] == trained_version["run_id"]
+    local = download_artifacts(f"models:/{name}/{version.version}", dst_path=str(tmp_path), tracking_uri=mlflow_server)
+    assert read_metadata(Path(local) / "model.onnx")["run_id"] == trained_version["run_id"]
     run = client.get_run(trained_version["run_id"])
-    assert run.data.params["logger.registered_model_name"] == trained_version["name"]
+    assert run.data.params["logger.registered_model_name"] == name
 
 
 def test_promotion_follows_the_scores_and_the_margin(mlflow_server, promote_cfg, trained_version, constant_onnx):

@@ -90,7 +90,7 @@ def _aliased_or_none(client: MlflowClient, name: str, alias: str) -> ModelVersio
     except MlflowException as error:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
-        raise
+        raise RegistryError(f"cannot read the registry at {client.tracking_uri}: {_first_line(error)}") from error
 
 
 def _score(cfg: DictConfig, version: ModelVersion) -> float:
@@ -112,8 +112,7 @@ def _score(cfg: DictConfig, version: ModelVersion) -> float:
             )
             summary = evaluate(eval_cfg)
         except Exception as error:  # whatever the cause, the decision cannot be made: report it, change nothing
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise RegistryError(f"could not evaluate {label}, nothing was changed: {reason}") from error
+            raise RegistryError(f"could not evaluate {label}, nothing was changed: {_first_line(error)}") from error
     if cfg.metric not in summary:
         raise RegistryError(f"metric {cfg.metric!r} is not reported by evaluation; choose one of {sorted(summary)}")
     return float(summary[cfg.metric])
@@ -132,6 +131,10 @@ def _record(client: MlflowClient, cfg: DictConfig, decision: Decision) -> None:
     }
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, decision.challenger_version, key, value)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _user() -> str:

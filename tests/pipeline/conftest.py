@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, SAMPLE, TINY, run_cli
+from tests.conftest import CONFIGS, ROOT, SAMPLE, TINY, run_cli
 
 BUCKET = "cifarlab-artifacts"  # the bucket .dvc/config names: the tests push to the configured remote, emulated
 REMOTE = "gcs"
@@ -142,18 +143,17 @@ def git(repo: Path, *args: str) -> str:
     ).stdout
 
 
-# The tiny recipe the tests' pipeline trains: TINY's sizes, no tracking.
-TINY_PIPELINE = """# @package _global_
-defaults:
-  - override /debug: limit
-  - override /logger: none
-run_name: pipeline
-trainer:
-  accelerator: cpu
-model:
-  net:
-    widths: [16, 32, 32]
-"""
+def tiny_recipe() -> str:
+    """The recipe the tests' pipeline trains: debug=limit's miniature and TINY's widths on the CPU, untracked."""
+    limit = OmegaConf.load(CONFIGS / "debug" / "limit.yaml")
+    recipe = OmegaConf.merge(
+        {"defaults": [{"override /logger": "none"}], "run_name": "pipeline"},
+        limit,
+        {"trainer": {"accelerator": "cpu"}, "model": {"net": {"widths": [16, 32, 32]}}},
+    )
+    return "# @package _global_\n" + OmegaConf.to_yaml(recipe)
+
+
 assert "model.net.widths=[16,32,32]" in TINY and "debug=limit" in TINY  # keep in step with the suite's TINY
 
 
@@ -180,7 +180,7 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory, gcs: Emulator) -> Pa
     """A copy of the repository whose pipeline ran once on the committed sample with the tiny recipe, its remote
     pointed at the emulator through .dvc/config.local (as a user would, never the committed config)."""
     repo = copy_repository(tmp_path_factory.mktemp("pipeline") / "repo")
-    (repo / "configs" / "experiment" / "pipeline.yaml").write_text(TINY_PIPELINE)
+    (repo / "configs" / "experiment" / "pipeline.yaml").write_text(tiny_recipe())
     shutil.copy2(SAMPLE, repo / "data" / "raw" / "cifar10.tar.gz")
     dvc(repo, "add", "data/raw/cifar10.tar.gz")
     dvc(repo, "remote", "modify", "--local", REMOTE, "endpointurl", gcs.url)

@@ -98,9 +98,10 @@ def _score(cfg: DictConfig, version: ModelVersion) -> float:
     label = f"{version.name} version {version.version}"
     with tempfile.TemporaryDirectory(prefix="promote-") as folder:
         try:
-            model_dir = download_artifacts(
-                artifact_uri=f"models:/{version.name}/{version.version}", dst_path=folder, tracking_uri=cfg.tracking_uri
-            )
+            # The version's own artifact location, not a models:/ URI: MLflow resolves those against the global
+            # registry URI rather than this client's.
+            location = MlflowClient(cfg.tracking_uri).get_model_version_download_uri(version.name, version.version)
+            model_dir = download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=cfg.tracking_uri)
             eval_cfg = OmegaConf.merge(
                 cfg,
                 {

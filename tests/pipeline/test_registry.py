@@ -79,7 +79,8 @@ def test_training_registers_its_onnx_export_as_the_challenger(mlflow_server, tra
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias(name, CHALLENGER_ALIAS)
     assert version.run_id == trained_version["run_id"]
-    local = download_artifacts(f"models:/{name}/{version.version}", dst_path=str(tmp_path), tracking_uri=mlflow_server)
+    location = client.get_model_version_download_uri(name, version.version)
+    local = download_artifacts(location, dst_path=str(tmp_path), tracking_uri=mlflow_server)
     assert read_metadata(Path(local) / "model.onnx")["run_id"] == trained_version["run_id"]
     run = client.get_run(trained_version["run_id"])
     assert run.data.params["logger.registered_model_name"] == name

@@ -8,10 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
+from torch import nn
 
 from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata
-from cifarlab.models.airbench import AirbenchNet
-from cifarlab.models.module import ClassifierNet
 from cifarlab.registry import RegistryError, promote
 from cifarlab.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS, log_run_end, mlflow_logger
 from tests.conftest import CONFIGS, SAMPLE, run_cli
@@ -20,21 +19,36 @@ OTHER_CLASSES = [f"c{i}" for i in range(10)]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def contract(classes: list[str]) -> dict[str, str]:
+    return contract_metadata(classes, "no-run", "00" * 32)
+
+
+class ConstantNet(nn.Module):
+    """Answers one class for every image: exactly 10% accuracy on the balanced test sample, and a recall of 1
+    for that class, 0 for the others."""
+
+    def __init__(self, class_index: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", nn.functional.one_hot(torch.tensor(class_index), len(CIFAR10)).float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, 0, 0, :1].float() * 0 + self.logits
+
+
 @pytest.fixture(scope="module")
-def constant_onnx(tmp_path_factory) -> Path:
-    """A model that always answers 'airplane': exactly 10% on the balanced test sample."""
-    net = ClassifierNet(AirbenchNet(widths=(8, 16, 16)))
-    for parameter in net.parameters():
-        torch.nn.init.zeros_(parameter)
-    path = tmp_path_factory.mktemp("constant") / "model.onnx"
-    return export_onnx(net, path, contract_metadata(CIFAR10, "constant", "00" * 32))
+def always(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("constant")
+    return {
+        name: export_onnx(ConstantNet(CIFAR10.index(name)), folder / name / "model.onnx", contract(CIFAR10))
+        for name in ("airplane", "truck")
+    }
 
 
 @pytest.fixture(scope="module")
 def foreign_onnx(tmp_path_factory) -> Path:
     """A model trained on other classes: evaluating it on CIFAR-10 fails."""
     path = tmp_path_factory.mktemp("foreign") / "model.onnx"
-    return export_onnx(ClassifierNet(AirbenchNet(widths=(8, 16, 16))), path, contract_metadata(OTHER_CLASSES, "x", "0"))
+    return export_onnx(ConstantNet(0), path, contract(OTHER_CLASSES))
 
 
 def register(server: str, name: str, onnx_path: Path) -> str:
@@ -86,41 +100,40 @@ def test_training_registers_its_onnx_export_as_the_challenger(mlflow_server, tra
     assert run.data.params["logger.registered_model_name"] == name
 
 
-def test_promotion_follows_the_scores_and_the_margin(mlflow_server, promote_cfg, trained_version, constant_onnx):
+def test_promotion_follows_the_scores_and_the_margin(mlflow_server, promote_cfg, always):
     name = "promotion-flow"
-    trained = trained_version["run_dir"] / "model.onnx"
-    first = register(mlflow_server, name, constant_onnx)
+    first = register(mlflow_server, name, always["truck"])
     decision = promote(promote_cfg(name))
     assert decision.promoted and decision.champion_version is None
-    assert decision.challenger_score == pytest.approx(0.1)  # the constant model on the balanced sample
+    assert decision.challenger_score == pytest.approx(0.1)  # one class of ten, on the balanced sample
     assert aliases(mlflow_server, name) == {CHAMPION_ALIAS: first, CHALLENGER_ALIAS: first}
     assert promotion_tags(mlflow_server, name, first)["promotion.champion_version"] == "none"
 
-    better = register(mlflow_server, name, trained)
-    decision = promote(promote_cfg(name, "margin=0.95"))
-    assert not decision.promoted and decision.challenger_score > 0.1 + 0.01
+    # Scored by the airplane recall: the challenger's is 1, the champion's 0.
+    better = register(mlflow_server, name, always["airplane"])
+    decision = promote(promote_cfg(name, "metric=recall/airplane", "margin=1.5"))
+    assert not decision.promoted and (decision.challenger_score, decision.champion_score) == (1.0, 0.0)
     assert aliases(mlflow_server, name)[CHAMPION_ALIAS] == first
     tags = promotion_tags(mlflow_server, name, better)
-    assert tags["promotion.decision"] == "rejected" and tags["promotion.margin"] == "0.95"
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.margin"] == "1.5"
 
-    decision = promote(promote_cfg(name, "margin=0.01"))
+    decision = promote(promote_cfg(name, "metric=recall/airplane", "margin=0.5"))
     assert decision.promoted and decision.champion_version == first
-    assert aliases(mlflow_server, name)[CHAMPION_ALIAS] == better
+    assert aliases(mlflow_server, name) == {CHAMPION_ALIAS: better, CHALLENGER_ALIAS: better}
     tags = promotion_tags(mlflow_server, name, better)
-    assert tags["promotion.decision"] == "promoted"
-    assert float(tags["promotion.challenger_score"]) == pytest.approx(decision.challenger_score, abs=1e-6)
-    assert float(tags["promotion.champion_score"]) == pytest.approx(0.1, abs=1e-6)
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.metric"] == "recall/airplane"
+    assert (tags["promotion.challenger_score"], tags["promotion.champion_score"]) == ("1.000000", "0.000000")
     assert tags["promotion.champion_version"] == first and tags["promotion.by"] and tags["promotion.at"]
 
-    worse = register(mlflow_server, name, constant_onnx)
-    decision = promote(promote_cfg(name))
+    worse = register(mlflow_server, name, always["truck"])
+    decision = promote(promote_cfg(name, "metric=recall/airplane"))
     assert not decision.promoted and aliases(mlflow_server, name)[CHAMPION_ALIAS] == better
     assert promotion_tags(mlflow_server, name, worse)["promotion.decision"] == "rejected"
 
 
-def test_missing_alias_changes_nothing(mlflow_server, promote_cfg, constant_onnx):
+def test_missing_alias_changes_nothing(mlflow_server, promote_cfg, always):
     name = "promotion-missing-alias"
-    version = register(mlflow_server, name, constant_onnx)
+    version = register(mlflow_server, name, always["truck"])
     MlflowClient(mlflow_server).delete_registered_model_alias(name, CHALLENGER_ALIAS)
     with pytest.raises(RegistryError, match="has the alias 'challenger'"):
         promote(promote_cfg(name))
@@ -130,9 +143,9 @@ def test_missing_alias_changes_nothing(mlflow_server, promote_cfg, constant_onnx
         promote(promote_cfg("no-such-model"))
 
 
-def test_failed_evaluation_changes_nothing(mlflow_server, promote_cfg, constant_onnx, foreign_onnx):
+def test_failed_evaluation_changes_nothing(mlflow_server, promote_cfg, always, foreign_onnx):
     name = "promotion-failed-evaluation"
-    champion = register(mlflow_server, name, constant_onnx)
+    champion = register(mlflow_server, name, always["truck"])
     promote(promote_cfg(name))
     challenger = register(mlflow_server, name, foreign_onnx)
     before = promotion_tags(mlflow_server, name, champion)

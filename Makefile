@@ -35,6 +35,7 @@ mlflow-ui: venv  ## browse the local tracking store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 mlflow-server: venv  ## tracking server + model registry on the same store: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+	mkdir -p mlruns
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination $(CURDIR)/mlruns/artifacts \
 		--host 127.0.0.1 --port 5000
 

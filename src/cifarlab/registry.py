@@ -21,7 +21,6 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cifarlab.errors import UserError
-from cifarlab.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,8 @@ def _aliased_or_none(client: MlflowClient, name: str, alias: str) -> ModelVersio
 
 def _score(cfg: DictConfig, version: ModelVersion) -> float:
     """The version's `cfg.metric` on the configured test data, through eval.py's code path."""
+    from cifarlab.evaluate import evaluate  # torch loads only when a model is evaluated, not for a quick refusal
+
     label = f"{version.name} version {version.version}"
     with tempfile.TemporaryDirectory(prefix="promote-") as folder:
         try:

@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve
+.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and exactly pinned: it takes the local CPU wheel instead of the CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev,pipeline]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,6 +35,14 @@ format: venv
 
 mlflow-ui: venv  ## browse the local tracking store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+mlflow-server: venv  ## tracking server + model registry on the same store: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+	mkdir -p mlruns
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination $(CURDIR)/mlruns/artifacts \
+		--host 127.0.0.1 --port 5000
+
+promote: venv  ## challenger vs champion on the test set; moves champion if better: make promote ARGS="margin=0.005"
+	$(BIN)/python scripts/promote.py $(ARGS)
 
 compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="--sweep <id>"
 	$(BIN)/python scripts/compare_runs.py $(ARGS)

@@ -68,6 +68,8 @@ def test_short_run_writes_checkpoint_onnx_and_mlflow_record(compose_train, track
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
     logged_models = client.search_logged_models([run.info.experiment_id])
     assert [m.source_run_id for m in logged_models] == [run.info.run_id]
+    # registered as the challenger of configs/logger/mlflow.yaml's model (scripts/promote.py decides on champion)
+    assert client.get_model_version_by_alias(cfg.logger.registered_model_name, "challenger").run_id == run.info.run_id
 
     metadata = read_metadata(run_dir / "model.onnx")
     assert json.loads(metadata["classes"]) == list(CIFAR10_CLASSES)

@@ -1,5 +1,6 @@
 """The body of `eval.py`: test-set metrics of a checkpoint or of an exported ONNX model, one code path for both."""
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
-from cifarlab.metrics import classification_metrics, summarize
+from cifarlab.metrics import classification_metrics, confusion_figure, summarize
 from cifarlab.models.module import ImageClassifier
 from cifarlab.runtime import write_atomic
 
@@ -36,10 +37,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     metrics = classification_metrics(len(classes))
     metrics.update(torch.from_numpy(logits), torch.from_numpy(labels))
-    summary = summarize(metrics.compute(), classes)
+    computed = metrics.compute()
+    summary = summarize(computed, classes)
     summary["images"] = len(labels)
     output = Path(cfg.metrics_path) if cfg.get("metrics_path") else model_path.with_suffix(".test_metrics.json")
     write_atomic(output, json.dumps(summary, indent=2, sort_keys=True))
+    if cfg.get("report_dir"):
+        write_report(Path(cfg.report_dir), summary, computed["confusion"], classes, labels, logits.argmax(axis=1))
     log.info(
         "%s on %d test images: accuracy %.4f, macro F1 %.4f -> %s",
         model_path,
@@ -50,6 +54,29 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     print(format_report(summary, classes))
     return summary
+
+
+def write_report(
+    folder: Path,
+    summary: dict[str, float],
+    confusion: torch.Tensor,
+    classes: list[str] | tuple[str, ...],
+    labels: np.ndarray,
+    predictions: np.ndarray,
+) -> None:
+    """The files `dvc plots show` draws: per-class scores, every (true, predicted) pair, the confusion matrix."""
+    support = np.bincount(labels, minlength=len(classes))
+    rows = ["class,precision,recall,f1,support"] + [
+        f"{name},{summary[f'precision/{name}']:.6f},{summary[f'recall/{name}']:.6f},{summary[f'f1/{name}']:.6f},{n}"
+        for name, n in zip(classes, support, strict=True)
+    ]
+    write_atomic(folder / "per_class.csv", "\n".join(rows) + "\n")
+    pairs = ["actual,predicted"] + [f"{classes[a]},{classes[p]}" for a, p in zip(labels, predictions, strict=True)]
+    write_atomic(folder / "predictions.csv", "\n".join(pairs) + "\n")
+    figure = confusion_figure(confusion, classes)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(folder / "confusion_matrix.png", buffer.getvalue())
 
 
 def _model_path(cfg: DictConfig) -> Path:

@@ -42,10 +42,13 @@ def atomic_destination(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text atomically (see atomic_destination)."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write text or bytes atomically (see atomic_destination)."""
     with atomic_destination(path) as temp:
-        temp.write_text(text)
+        if isinstance(content, bytes):
+            temp.write_bytes(content)
+        else:
+            temp.write_text(content)
 
 
 def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:

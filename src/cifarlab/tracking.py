@@ -20,6 +20,8 @@ from mlflow.entities import Param
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
+CHAMPION_ALIAS = "champion"  # the registered model version production serves
+CHALLENGER_ALIAS = "challenger"  # the version being tried against it (every training run registers one)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -85,19 +87,26 @@ def log_run_start(logger: MLFlowLogger, config: Mapping[str, Any], tags: Mapping
         client.set_tag(run_id, key, value)
 
 
-def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, checkpoint: str | None) -> None:
-    """Upload the run folder's files, the best checkpoint and the ONNX model (as an MLflow model)."""
+def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, checkpoint: str | None) -> str | None:
+    """Upload the run folder's files, the best checkpoint and the ONNX model (as an MLflow model); register the
+    model when the logger names a registered model. Returns the new model version, if one was registered."""
     client, run_id = logger.experiment, logger.run_id
     for name in ("config.yaml", "test_metrics.json", "confusion_matrix.png"):
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name))
     if checkpoint:
         client.log_artifact(run_id, checkpoint, artifact_path="checkpoints")
-    if onnx_path is not None and onnx_path.exists():
-        _log_onnx_model(logger, onnx_path)
+    if onnx_path is None or not onnx_path.exists():
+        return None
+    registered_name = getattr(logger, "registered_model_name", None)
+    version = _log_onnx_model(logger, onnx_path, registered_name)
+    if version is not None:
+        # The newest model is what is being tried; scripts/promote.py decides whether it becomes the champion.
+        client.set_registered_model_alias(registered_name, CHALLENGER_ALIAS, version)
+    return version
 
 
-def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path) -> None:
+def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str | None) -> str | None:
     import mlflow
     import onnx
     import onnxruntime
@@ -112,13 +121,24 @@ def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path) -> None:
     )
     mlflow.set_tracking_uri(logger._tracking_uri)
     with mlflow.start_run(run_id=logger.run_id):
-        mlflow.onnx.log_model(
+        info = mlflow.onnx.log_model(
             model,
             name="onnx_model",
             signature=signature,
             pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
             save_as_external_data=False,
+            registered_model_name=registered_name,
         )
+    version = info.registered_model_version
+    return None if version is None else str(version)
+
+
+class RegisteringMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, plus the registered-model name the run's ONNX export is registered under."""
+
+    def __init__(self, *args: Any, registered_model_name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.registered_model_name = registered_model_name
 
 
 def mlflow_logger(
@@ -128,18 +148,21 @@ def mlflow_logger(
     run_id: str | None = None,
     artifact_location: str | None = None,
     tags: Mapping[str, str] | None = None,
-) -> MLFlowLogger:
+    registered_model_name: str | None = None,
+) -> RegisteringMLFlowLogger:
     """An MLFlowLogger whose artefacts sit beside a local SQLite store (not in the current directory, where
-    MLflow would put them); with a server, the server decides where artefacts go."""
+    MLflow would put them); with a server, the server decides where artefacts go. With `registered_model_name`,
+    the run's ONNX export becomes a new version of that registered model, with the alias `challenger`."""
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
         database = Path(tracking_uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "artifacts").resolve().as_uri()
-    return MLFlowLogger(
+    return RegisteringMLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
         run_id=run_id,
         tracking_uri=tracking_uri,
         artifact_location=artifact_location,
         tags=dict(tags or {}),
+        registered_model_name=registered_model_name,
     )

@@ -21,6 +21,7 @@ from cifarlab.callbacks.onnx_export import OnnxExport
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
 from cifarlab.metrics import confusion_figure
+from cifarlab.publish import publish_model
 from cifarlab.runtime import check_accelerator, write_atomic
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,28 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.is_global_zero:
             _write_test_report(run_dir, model)
 
+    onnx = next((c.path for c in callbacks if isinstance(c, OnnxExport)), None)
+    version = None
     if mlflow is not None and trainer.is_global_zero:
-        onnx = next((c.path for c in callbacks if isinstance(c, OnnxExport)), None)
-        tracking.log_run_end(mlflow, run_dir, onnx, best or None)
+        version = tracking.log_run_end(mlflow, run_dir, onnx, best or None)
+    if cfg.get("publish_dir") and trainer.is_global_zero:
+        _publish(cfg, best, onnx, model, version)
     return _optimized_metric(cfg, metrics)
 
 
 def _rank() -> int:
     """This process's rank in a distributed run: Lightning sets it on rank_zero_only, untyped, before any hook."""
     return int(getattr(rank_zero_only, "rank", 0))
+
+
+def _publish(cfg: DictConfig, best: str, onnx: Path | None, model: Any, version: str | None) -> None:
+    if not best or onnx is None or not onnx.exists():
+        raise ConfigError(
+            "publish_dir needs a best checkpoint and its ONNX export (callbacks=default, no fast_dev_run)"
+        )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    written = publish_model(Path(cfg.publish_dir), Path(best), onnx, config, model.test_report, version)
+    log.info("Published %s", ", ".join(map(str, written)))
 
 
 def _existing_checkpoint(path: str | None) -> str | None:

@@ -202,10 +202,17 @@ def ensure_prepared(
     """Return the prepared copy of a source under ``prepared_root``, preparing it only when needed.
 
     ``source`` None means ``$CIFAR10_SOURCE``, else a download of ``url``. A valid copy prepared from the
-    same source (and classes) is loaded without touching the source, so the source may since be gone.
+    same source (and classes) is loaded without touching the source, so the source may since be gone. A
+    source that is itself a prepared folder (it holds a manifest.json) is loaded directly.
     """
     if source is None:
         source = os.environ.get(SOURCE_ENV_VAR) or None
+    if source is not None and not _is_url(source) and (Path(source).expanduser() / MANIFEST_NAME).is_file():
+        # A prepared dataset given as the source (the DVC pipeline's prepare stage output): used as it is.
+        existing = load_prepared(source)
+        if classes is not None and existing.classes != tuple(classes):
+            raise DataError(f"{source} holds classes {list(existing.classes)}, expected {list(classes)}")
+        return existing
     out_dir = Path(prepared_root).expanduser() / source_slug(source)
     location = _source_location(source, url)
     if (out_dir / MANIFEST_NAME).is_file():

@@ -1,0 +1,85 @@
+"""Publish a run's model to a fixed folder (what the DVC pipeline's train stage outputs): the best checkpoint,
+the ONNX export and a model card, each written atomically, so `models/` always names the latest trained model
+whatever its run id."""
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cifarlab.export.onnx import read_metadata
+from cifarlab.runtime import write_atomic
+
+CHECKPOINT_NAME = "best.ckpt"
+ONNX_NAME = "model.onnx"
+CARD_NAME = "model_card.md"
+CARD_PARAMS = ("model.net._target_", "model.net.widths", "optimizer._target_", "optimizer.lr", "trainer.max_epochs")
+
+
+def publish_model(
+    out_dir: Path,
+    checkpoint: Path,
+    onnx_path: Path,
+    config: Mapping[str, Any],
+    test_metrics: Mapping[str, float],
+    registered_version: str | None = None,
+) -> list[Path]:
+    """Copy `checkpoint` and `onnx_path` into `out_dir` and write its model card; return the three paths."""
+    written = [out_dir / CHECKPOINT_NAME, out_dir / ONNX_NAME, out_dir / CARD_NAME]
+    write_atomic(written[0], checkpoint.read_bytes())
+    write_atomic(written[1], onnx_path.read_bytes())
+    write_atomic(written[2], model_card(onnx_path, config, test_metrics, registered_version))
+    return written
+
+
+def model_card(
+    onnx_path: Path, config: Mapping[str, Any], test_metrics: Mapping[str, float], registered_version: str | None
+) -> str:
+    """A short Markdown model card: what the model is, where it came from, how well it does, how to call it."""
+    from cifarlab.tracking import flatten
+
+    metadata = read_metadata(onnx_path)
+    classes = json.loads(metadata["classes"])
+    flat = flatten(config)
+    name = (config.get("logger") or {}).get("registered_model_name")
+    registered = f"`{name}` version {registered_version}" if name and registered_version else "none"
+    lines = [
+        "# Model card: CIFAR-10 classifier",
+        "",
+        f"- Run: `{metadata['run_id']}` (MLflow run id; the run folder is `runs/{metadata['run_id']}/`)",
+        f"- Registered model: {registered}",
+        f"- Data: manifest sha256 `{metadata['data_manifest_sha256']}`",
+        f"- Published: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        "- Interface: ONNX, input `images` uint8 [N, 32, 32, 3] RGB, output `logits` float32 "
+        f"[N, {len(classes)}] (docs/model-contract.md)",
+        f"- Classes: {', '.join(classes)}",
+        "",
+        "## Recipe",
+        "",
+        *(f"- `{key}`: {flat[key]}" for key in CARD_PARAMS if key in flat),
+        "",
+        "## Test metrics",
+        "",
+    ]
+    if test_metrics:
+        lines += [
+            f"accuracy {test_metrics['acc']:.4f}, macro F1 {test_metrics['f1_macro']:.4f}",
+            "",
+            "| class | precision | recall | f1 |",
+            "|---|---|---|---|",
+            *(
+                f"| {c} | {test_metrics[f'precision/{c}']:.4f} | {test_metrics[f'recall/{c}']:.4f} "
+                f"| {test_metrics[f'f1/{c}']:.4f} |"
+                for c in classes
+            ),
+        ]
+    else:
+        lines.append("not tested (test=false)")
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "Trained and tested on 32x32 CIFAR-10 images; other image sizes or domains are out of scope.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,146 @@
+"""Promotion in the MLflow model registry: the `challenger` version replaces the `champion` only if it scores
+better on the same test data by a margin.
+
+Every training run registers its ONNX export as a new version aliased `challenger` (cifarlab.tracking); the
+inference service loads `models:/<name>@champion`. Both versions are evaluated by `cifarlab.evaluate`, the code
+path of `eval.py`, and the decision (both scores, margin, who, when) is recorded as tags on the challenger
+version. Anything that fails before the decision (a missing alias, an evaluation error) changes nothing.
+"""
+
+import getpass
+import logging
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from cifarlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"  # the file mlflow.onnx.log_model writes inside the logged model
+
+
+class RegistryError(UserError):
+    """The registry does not hold what the command needs (a model, an alias), or a version cannot be evaluated."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    challenger_version: str
+    champion_version: str | None  # the champion before the decision; None when there was none
+    challenger_score: float
+    champion_score: float | None
+
+    def describe(self, name: str, metric: str, margin: float) -> str:
+        challenger = f"{name} version {self.challenger_version} ({metric} {self.challenger_score:.4f})"
+        if self.champion_version is None:
+            return f"promoted {challenger} to champion: there was no champion yet"
+        champion = f"version {self.champion_version} ({metric} {self.champion_score:.4f})"
+        if self.promoted:
+            return f"promoted {challenger} to champion, replacing {champion}: better by more than {margin}"
+        return f"kept {champion} as champion: {challenger} is not better by more than {margin}"
+
+
+def promote(cfg: DictConfig) -> Decision:
+    """Evaluate `cfg.challenger_alias` against `cfg.champion_alias` of `cfg.model_name` and move the champion
+    alias to the challenger if its `cfg.metric` exceeds the champion's by more than `cfg.margin`."""
+    if not cfg.get("model_name"):
+        raise RegistryError("no registered model name: set model_name= (or logger.registered_model_name=)")
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    challenger = _aliased(client, cfg.model_name, cfg.challenger_alias, cfg.tracking_uri)
+    champion = _aliased_or_none(client, cfg.model_name, cfg.champion_alias)
+    if champion is not None and champion.version == challenger.version:
+        raise RegistryError(
+            f"{cfg.model_name} version {challenger.version} is already both {cfg.challenger_alias} and "
+            f"{cfg.champion_alias}: nothing to compare (train a new model, or point {cfg.challenger_alias} elsewhere)"
+        )
+    challenger_score = _score(cfg, challenger)
+    champion_score = None if champion is None else _score(cfg, champion)
+    promoted = champion_score is None or challenger_score > champion_score + cfg.margin
+    decision = Decision(promoted, challenger.version, champion and champion.version, challenger_score, champion_score)
+    if promoted:
+        client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, challenger.version)
+    _record(client, cfg, decision)
+    log.info(decision.describe(cfg.model_name, cfg.metric, cfg.margin))
+    return decision
+
+
+def _aliased(client: MlflowClient, name: str, alias: str, tracking_uri: str) -> ModelVersion:
+    version = _aliased_or_none(client, name, alias)
+    if version is None:
+        raise RegistryError(
+            f"no version of registered model {name!r} has the alias {alias!r} at {tracking_uri} "
+            f"(training registers each new model as {alias!r} when logger.registered_model_name is set)"
+        )
+    return version
+
+
+def _aliased_or_none(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise RegistryError(f"cannot read the registry at {client.tracking_uri}: {_first_line(error)}") from error
+
+
+def _score(cfg: DictConfig, version: ModelVersion) -> float:
+    """The version's `cfg.metric` on the configured test data, through eval.py's code path."""
+    from cifarlab.evaluate import evaluate  # torch loads only when a model is evaluated, not for a quick refusal
+
+    label = f"{version.name} version {version.version}"
+    with tempfile.TemporaryDirectory(prefix="promote-") as folder:
+        try:
+            # The version's own artifact location, not a models:/ URI: MLflow resolves those against the global
+            # registry URI rather than this client's.
+            location = MlflowClient(cfg.tracking_uri).get_model_version_download_uri(version.name, version.version)
+            model_dir = download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=cfg.tracking_uri)
+            eval_cfg = OmegaConf.merge(
+                cfg,
+                {
+                    "ckpt_path": None,
+                    "onnx_path": str(Path(model_dir) / ONNX_FILE),
+                    "report_dir": None,
+                    "metrics_path": str(Path(folder) / "test_metrics.json"),
+                },
+            )
+            summary = evaluate(eval_cfg)
+        except Exception as error:  # whatever the cause, the decision cannot be made: report it, change nothing
+            raise RegistryError(f"could not evaluate {label}, nothing was changed: {_first_line(error)}") from error
+    if cfg.metric not in summary:
+        raise RegistryError(f"metric {cfg.metric!r} is not reported by evaluation; choose one of {sorted(summary)}")
+    return float(summary[cfg.metric])
+
+
+def _record(client: MlflowClient, cfg: DictConfig, decision: Decision) -> None:
+    tags = {
+        "promotion.decision": "promoted" if decision.promoted else "rejected",
+        "promotion.metric": cfg.metric,
+        "promotion.margin": str(cfg.margin),
+        "promotion.challenger_score": f"{decision.challenger_score:.6f}",
+        "promotion.champion_version": decision.champion_version or "none",
+        "promotion.champion_score": "none" if decision.champion_score is None else f"{decision.champion_score:.6f}",
+        "promotion.by": _user(),
+        "promotion.at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, decision.challenger_version, key, value)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in a bare container
+        return "unknown"

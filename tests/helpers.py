@@ -1,10 +1,12 @@
 """Test-only pieces that runs load through config overrides (`+callbacks.x._target_=tests.helpers.X`)."""
 
+import json
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.overrides import TorchFunctionMode
 
 
 class CrashAfterEpoch(Callback):
@@ -28,3 +30,52 @@ class DumpWeights(Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save({"state": state, "steps": trainer.global_step}, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+class HostSyncGuard(Callback):
+    """Record every tensor-to-host conversion (.item(), bool(), float(), .tolist(), .cpu(), .numpy()) made while
+    training batches run, from the first batch of an epoch to its validation or end, Lightning's own per-step
+    work included (validation and epoch ends may sync: they run once per epoch). On a GPU each one stalls
+    the CPU until the device catches up. Writes {"calls": [...], "steps": n} as JSON to `path` at fit end."""
+
+    SYNCING = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"}
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.calls: list[str] = []
+        self.steps = 0
+        self._mode: TorchFunctionMode | None = None
+
+    def on_train_batch_start(self, *args: object) -> None:
+        if self._mode is None:
+            self._mode = _Recorder(self.calls, self.SYNCING)
+            self._mode.__enter__()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.steps += 1
+
+    def _stop(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.write_text(json.dumps({"calls": self.calls, "steps": self.steps}))
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, calls: list[str], names: set[str]) -> None:
+        super().__init__()
+        self.calls, self.names = calls, names
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
+        name = getattr(func, "__name__", "")
+        if name in self.names:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))

@@ -98,6 +98,18 @@ def test_flip_tta_is_inside_the_graph(tmp_path):
     np.testing.assert_allclose(mirrored, logits, atol=1e-4)
 
 
+def test_flip_translate_tta_is_inside_the_graph(tmp_path):
+    net = tiny_net(flip_tta=True)
+    net.translate_tta = 1
+    path = export_onnx(net, tmp_path / "model.onnx", contract_metadata(CIFAR10_CLASSES, "r", MANIFEST_SHA))
+    images = random_images(5)
+    logits = session(path).run(["logits"], {"images": images})[0]
+    assert np.abs(softmax(logits) - softmax(torch_logits(net, images))).max() <= 1e-4
+    assert verify_onnx(path, net, torch.from_numpy(images)) <= 1e-4  # the exporter's own parity check
+    net.translate_tta = 0  # the shifted views are in the graph: without them the answer differs
+    assert np.abs(logits - torch_logits(net, images)).max() > 1e-3
+
+
 def test_metadata_holds_the_documented_keys(exported):
     _, path, metadata = exported
     expected_keys = {

@@ -43,11 +43,11 @@ from cifarlab.train import train  # noqa: E402
 
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
 QUICK = {"experiment": "cpu_airbench", "epochs": 2, "repeats": 3}  # 7 steps of 512 per epoch on the sample
+ACCELERATORS = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}  # --device -> trainer.accelerator
 
 
 def compose_recipe(experiment: str, device: str, epochs: int | None, overrides: Sequence[str]) -> DictConfig:
     """The recipe as `python train.py experiment=<experiment> <overrides>` would compose it, on `device`."""
-    accelerator = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}[device]
     extra = [f"trainer.max_epochs={epochs}"] if epochs else []
     if device == "cpu":
         extra.append("trainer.precision=32-true")  # bf16 autocast on a CPU is slower, not faster
@@ -57,7 +57,7 @@ def compose_recipe(experiment: str, device: str, epochs: int | None, overrides: 
             "train",
             overrides=[
                 f"experiment={experiment}",
-                f"trainer.accelerator={accelerator}",
+                f"trainer.accelerator={ACCELERATORS[device]}",
                 "trainer.num_sanity_val_steps=0",
                 "trainer.enable_progress_bar=false",
                 "+trainer.enable_model_summary=false",
@@ -154,7 +154,7 @@ def accuracy(net: torch.nn.Module, loader: Iterator, autocast: contextlib.Abstra
 
 def run_airbench(cfg: DictConfig, workdir: Path, seed: int) -> dict:
     """airbench94 (PyPI airbench==0.1.8: SGD + lookahead, batch 1024) on the same prepared CIFAR-10 copy."""
-    import airbench  # noqa: PLC0415 (GPU machines only; it needs torchvision)
+    import airbench  # GPU machines only: it needs CUDA and torchvision
 
     folder = workdir / "cifar10"
     if not (folder / "test.pt").is_file():
@@ -280,7 +280,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    check_accelerator({"cpu": "cpu", "cuda": "gpu", "mps": "mps"}[args.device])
+    check_accelerator(ACCELERATORS[args.device])
     if args.reference_airbench and args.device != "cuda":
         raise ConfigError("--reference-airbench needs --device cuda (the airbench package is written for CUDA)")
     torch.backends.cudnn.benchmark = True

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -33,40 +34,51 @@ class DumpWeights(Callback):
 
 
 class HostSyncGuard(Callback):
-    """Record every tensor-to-host conversion (.item(), bool(), float(), .tolist(), .cpu(), .numpy()) made while
-    training batches run, from the first batch of an epoch to its validation or end, Lightning's own per-step
-    work included (validation and epoch ends may sync: they run once per epoch). On a GPU each one stalls
-    the CPU until the device catches up. Writes {"calls": [...], "steps": n} as JSON to `path` at fit end."""
+    """Record every tensor-to-host conversion (.item(), bool(), float(), .tolist(), .cpu(), .numpy()) made during
+    training, Lightning's own work included; on a GPU each one stalls the CPU until the device catches up.
 
-    SYNCING = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"}
+    What runs from one batch's start to the next one's (forward, backward, optimizer, scheduler, hooks, logging)
+    goes to `per_step`; what runs from an epoch's last batch to its validation or end goes to `epoch_end`, where
+    a sync per epoch is harmless. Writes {"per_step": [...], "epoch_end": [...], "steps": n} to `path` at fit end.
+    """
+
+    SYNCING: ClassVar[set[str]] = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"}
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.calls: list[str] = []
+        self.per_step: list[str] = []
+        self.epoch_end: list[str] = []
         self.steps = 0
+        self._pending: list[str] = []
         self._mode: TorchFunctionMode | None = None
 
     def on_train_batch_start(self, *args: object) -> None:
         if self._mode is None:
-            self._mode = _Recorder(self.calls, self.SYNCING)
+            self._mode = _Recorder(self._pending, self.SYNCING)
             self._mode.__enter__()
+        else:  # a whole step cycle has run since the previous batch started
+            self.per_step += self._pending
+            self._pending.clear()
 
     def on_train_batch_end(self, *args: object) -> None:
         self.steps += 1
 
-    def _stop(self) -> None:
+    def _end_of_epoch(self) -> None:
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+            self.epoch_end += self._pending
+            self._pending.clear()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop()
+        self._end_of_epoch()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop()
+        self._end_of_epoch()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.path.write_text(json.dumps({"calls": self.calls, "steps": self.steps}))
+        report = {"per_step": self.per_step, "epoch_end": self.epoch_end, "steps": self.steps}
+        self.path.write_text(json.dumps(report))
 
 
 class _Recorder(TorchFunctionMode):
@@ -74,7 +86,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.calls, self.names = calls, names
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in self.names:
             self.calls.append(name)

@@ -12,9 +12,9 @@ from torch import nn
 from cifarlab.data.augment import Augmentation
 from cifarlab.data.loader import InMemoryLoader
 from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab.errors import ConfigError
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.baseline import BaselineCNN
-from cifarlab.errors import ConfigError
 from cifarlab.models.module import CIFAR10_MEAN, CIFAR10_STD, ClassifierNet, ImageClassifier, shift
 from cifarlab.models.resnet import ResNet18
 

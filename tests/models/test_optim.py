@@ -75,7 +75,7 @@ def test_muon_lowers_a_loss():
     optimizer = Muon(
         [
             {"params": [conv_weight]},
-            {"params": [head_weight] + biases, "orthogonalize": False, "lr": 0.1},
+            {"params": [head_weight, *biases], "orthogonalize": False, "lr": 0.1},
         ],
         lr=0.05,
         momentum=0.6,

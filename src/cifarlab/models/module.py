@@ -170,8 +170,8 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self.net(images)
-        self.val_loss(F.cross_entropy(logits, labels))
-        self.val_acc(logits, labels)
+        self.val_loss.update(F.cross_entropy(logits, labels))
+        self.val_acc.update(logits, labels)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 

@@ -223,7 +223,7 @@ def benchmark(
         variants["airbench 0.1.8"] = lambda c, w: run_airbench(c, workdir, c.seed)
     if warmup:  # compile caches, cuDNN autotuning and GPU clocks, paid once outside the measurement
         for name, run in variants.items():
-            print(f"warm-up: {name}", flush=True)
+            print(f"warm-up: {name}", file=sys.stderr, flush=True)
             run(cfg, workdir / "warmup")
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(repeats):
@@ -233,7 +233,13 @@ def benchmark(
         for name, run in variants.items():
             if name == "template+mlflow" and repeat > 0:
                 continue  # one tracked run shows the logger's cost; the ratio uses the bare ones
-            results[name].append(run(seeded, workdir / f"{name.split()[0]}-{repeat}"))
+            result = run(seeded, workdir / f"{name.split()[0]}-{repeat}")
+            results[name].append(result)
+            print(
+                f"{name} seed {seeded.seed}: {result['train_seconds']:.2f} s, test acc {100 * result['test_acc']:.2f}%",
+                file=sys.stderr,
+                flush=True,
+            )
     return {name: {"summary": summarize(runs), "runs": runs} for name, runs in results.items()}
 
 

@@ -42,7 +42,9 @@ class HostSyncGuard(Callback):
     a sync per epoch is harmless. Writes {"per_step": [...], "epoch_end": [...], "steps": n} to `path` at fit end.
     """
 
+    # conversions to Python values, and ops whose output size depends on the data
     SYNCING: ClassVar[set[str]] = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"}
+    SYNCING |= {"unique", "_unique", "_unique2", "unique_consecutive", "nonzero", "masked_select"}
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)

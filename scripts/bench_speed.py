@@ -7,7 +7,7 @@ below. Reported: wall time of the training phase (device synchronised), the medi
 and the template/raw ratios. `--reference-airbench` also trains the `airbench` package (PyPI 0.1.8, GPU only) on
 the same prepared CIFAR-10 copy. Writes JSON and prints a table.
 
-    python scripts/bench_speed.py --quick                       # < 5 min on 2 CPU cores; last line: the ratio
+    python scripts/bench_speed.py --quick                       # minutes on 2 CPU cores; last line: the ratio
     CIFAR10_SOURCE=/path/cifar10-jpg.tar.gz python scripts/bench_speed.py --experiment cpu_airbench
     python scripts/bench_speed.py --experiment speedrun --device cuda --seeds 10 --reference-airbench \\
         data.source=/path/cifar10-jpg.tar.gz                   # on a GPU machine (see README, Speed)
@@ -42,7 +42,7 @@ from cifarlab.runtime import check_accelerator, user_errors_exit, write_atomic  
 from cifarlab.train import train  # noqa: E402
 
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
-QUICK = {"experiment": "cpu_airbench", "epochs": 2, "repeats": 3}  # 7 steps of 512 per epoch on the sample
+QUICK = {"experiment": "cpu_airbench", "epochs": 1, "repeats": 3}  # 7 steps of 512 per epoch on the sample
 ACCELERATORS = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}  # --device -> trainer.accelerator
 
 
@@ -266,7 +266,7 @@ def report(results: dict, meta: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="cpu_airbench, 2 epochs on the committed sample")
+    parser.add_argument("--quick", action="store_true", help="cpu_airbench, 3 x 1 epoch on the committed sample")
     parser.add_argument("--experiment", default="cpu_airbench", help="configs/experiment/<name>.yaml")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")

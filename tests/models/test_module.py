@@ -4,6 +4,7 @@ groups, its schedule, and a checkpoint round trip through a one-step Lightning f
 import copy
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,9 +12,10 @@ from torch import nn
 from cifarlab.data.augment import Augmentation
 from cifarlab.data.loader import InMemoryLoader
 from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab.errors import ConfigError
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.baseline import BaselineCNN
-from cifarlab.models.module import CIFAR10_MEAN, CIFAR10_STD, ClassifierNet, ImageClassifier
+from cifarlab.models.module import CIFAR10_MEAN, CIFAR10_STD, ClassifierNet, ImageClassifier, shift
 from cifarlab.models.resnet import ResNet18
 
 # Plain-dict twins of configs/model/*.yaml (net), configs/optimizer/*.yaml and configs/scheduler/*.yaml.
@@ -121,6 +123,57 @@ def test_mirror_is_along_image_width():
         assert (net(images) - net(images.flip(1))).abs().max() > 1e-4
 
 
+def reflect_shift(x: torch.Tensor, down: int, right: int) -> torch.Tensor:
+    """An independent shift: numpy's reflect padding, then the window moved by (down, right)."""
+    pad = max(abs(down), abs(right))
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    height, width = x.shape[-2:]
+    return torch.from_numpy(padded[..., pad - down : pad - down + height, pad - right : pad - right + width].copy())
+
+
+def test_shift_moves_content_with_reflection():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    moved = shift(x, 1, 1)
+    torch.testing.assert_close(moved[0, 0, 1:, 1:], x[0, 0, :3, :3])  # content moved down-right
+    torch.testing.assert_close(moved[0, 0, 0, 1:], x[0, 0, 1, :3])  # the new top row mirrors row 1
+    for down, right in ((1, 1), (-1, -1), (2, -1), (0, 2)):
+        torch.testing.assert_close(shift(x, down, right), reflect_shift(x, down, right))
+
+
+def test_flip_translate_tta_is_the_weighted_mean_of_its_six_views():
+    backbone = NotFlipInvariant(32, 32)
+    net = ClassifierNet(backbone, flip_tta=True, translate_tta=1).eval()
+    images = uint8_images(3)
+    x = net.preprocess(images)
+    with torch.no_grad():
+        unshifted = [backbone(x), backbone(x.flip(-1))]
+        shifted = []
+        for s in (1, -1):
+            moved = reflect_shift(x, s, s)
+            shifted += [backbone(moved), backbone(moved.flip(-1))]
+        # the two unshifted views weigh as much as the four shifted ones together (airbench's TTA level 2)
+        expected = sum(unshifted) / 4 + sum(shifted) / 8
+        torch.testing.assert_close(net(images), expected)
+        assert (expected - sum(unshifted) / 2).abs().max() > 1e-3  # translation changes the answer
+        net.train()
+        torch.testing.assert_close(net(images), backbone(x))
+
+
+def test_translate_tta_without_flip_averages_three_views():
+    backbone = NotFlipInvariant(32, 32)
+    net = ClassifierNet(backbone, translate_tta=2).eval()
+    images = uint8_images(2)
+    x = net.preprocess(images)
+    with torch.no_grad():
+        expected = backbone(x) / 2 + (backbone(reflect_shift(x, 2, 2)) + backbone(reflect_shift(x, -2, -2))) / 4
+        torch.testing.assert_close(net(images), expected)
+
+
+def test_negative_translate_tta_is_refused():
+    with pytest.raises(ValueError, match="translate_tta"):
+        ClassifierNet(nn.Identity(), translate_tta=-1)
+
+
 # ------------------------------------------------------------------------------------------- ImageClassifier
 
 
@@ -204,6 +257,39 @@ def test_unscaled_norm_biases_share_one_group():
     assert group["weight_decay"] == pytest.approx(SGD["weight_decay"])
     assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
     assert id(model.net.backbone.whiten.weight) not in {id(p) for p in group["params"]}
+
+
+MUON = {"_target_": "cifarlab.models.optim.Muon", "lr": 0.24, "momentum": 0.6, "ns_steps": 3}
+SPEEDRUN_GROUPS = {
+    "biases": {"params": ["*whiten.bias", "*norm*.bias"], "orthogonalize": False, "lr": 106.0, "momentum": 0.85},
+    "head": {"params": ["*head.weight"], "orthogonalize": False, "lr": 1.656, "weight_decay": 2.4e-3},
+}
+
+
+def test_named_param_groups_take_their_own_options():
+    model = ImageClassifier(net=AIRBENCH, optimizer=MUON, param_groups=SPEEDRUN_GROUPS)
+    optimizer = model.configure_optimizers()["optimizer"]
+    biases, head, default = optimizer.param_groups
+    assert [g["name"] for g in optimizer.param_groups] == ["biases", "head", "default"]
+    backbone = model.net.backbone
+    assert {id(p) for p in biases["params"]} == {id(backbone.whiten.bias)} | {id(m.bias) for m in norm_modules(model)}
+    assert biases["lr"] == 106.0 and biases["momentum"] == 0.85 and biases["orthogonalize"] is False
+    assert biases["ns_steps"] == 3  # options a group does not set come from the optimizer
+    assert [id(p) for p in head["params"]] == [id(backbone.head.weight)]
+    assert head["weight_decay"] == 2.4e-3 and head["momentum"] == 0.6
+    # what is left is every conv filter bank, at the optimizer's own options
+    assert all(p.ndim == 4 for p in default["params"]) and len(default["params"]) == 6
+    assert default["lr"] == 0.24 and default["orthogonalize"] is True
+
+
+def test_a_param_group_matching_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"param_groups.typo: no trainable parameter matches \['\*hed.weight'\]"):
+        ImageClassifier(net=AIRBENCH, optimizer=MUON, param_groups={"typo": {"params": ["*hed.weight"]}}).param_groups()
+
+
+def test_param_groups_and_norm_bias_scale_exclude_each_other():
+    with pytest.raises(ConfigError, match="not both"):
+        ImageClassifier(net=AIRBENCH, optimizer=SGD, param_groups=SPEEDRUN_GROUPS, norm_bias_lr_scale=64.0)
 
 
 def test_scheduler_steps_every_batch_and_scales_both_groups(tmp_path):

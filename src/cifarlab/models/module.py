@@ -5,6 +5,7 @@ Hyper-parameters are plain config dicts (network, optimizer, scheduler), saved i
 """
 
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
@@ -39,6 +40,12 @@ class ClassifierNet(nn.Module):
 
     The cast, scaling, channel transpose and normalisation live here, so training, evaluation and the
     exported graph share one preprocessing. Permuting NHWC to NCHW yields a channels_last tensor for free.
+
+    Test-time augmentation is part of this function too, in eval mode only: the exported model, the served
+    model and `eval.py` all average the same views, and ONNX parity checks them. `flip_tta` adds the mirror
+    image; `translate_tta=t` adds the views shifted by (t, t) and (-t, -t) pixels with reflect padding (each
+    mirrored as well under flip_tta), weighted so that the unshifted views count as much as all shifted ones
+    together (airbench's TTA level 2). All views go through the backbone as one batch.
     """
 
     mean: Tensor  # buffers, shaped [1, 3, 1, 1]
@@ -50,22 +57,49 @@ class ClassifierNet(nn.Module):
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         flip_tta: bool = False,
+        translate_tta: int = 0,
     ) -> None:
         super().__init__()
+        if translate_tta < 0:
+            raise ValueError(f"translate_tta is a shift in pixels, not {translate_tta}")
         self.backbone = backbone
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
         self.flip_tta = flip_tta
+        self.translate_tta = translate_tta
 
     def preprocess(self, images: Tensor) -> Tensor:
         return (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.preprocess(images)
-        logits = self.backbone(x)
-        if self.flip_tta and not self.training:
-            logits = (logits + self.backbone(x.flip(-1))) / 2
-        return logits
+        if self.training or not (self.flip_tta or self.translate_tta):
+            return self.backbone(x)
+        unshifted = self._with_mirror(x)
+        if not self.translate_tta:
+            return self._mean_logits(unshifted)
+        t = self.translate_tta
+        shifted = self._with_mirror(shift(x, t, t)) + self._with_mirror(shift(x, -t, -t))
+        return self._mean_logits(unshifted + shifted, split=len(unshifted))
+
+    def _with_mirror(self, x: Tensor) -> list[Tensor]:
+        return [x, x.flip(-1)] if self.flip_tta else [x]
+
+    def _mean_logits(self, views: list[Tensor], split: int | None = None) -> Tensor:
+        """Mean logits over the views; with `split`, the mean of (mean over views[:split], mean over the rest)."""
+        logits = self.backbone(torch.cat(views)).unflatten(0, (len(views), -1))
+        if split is None:
+            return logits.mean(0)
+        return (logits[:split].mean(0) + logits[split:].mean(0)) / 2
+
+
+def shift(x: Tensor, down: int, right: int) -> Tensor:
+    """Move the content of NCHW images `down` rows and `right` columns (negative: up/left), reflect-padded."""
+    pad = max(abs(down), abs(right))
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    top, left = pad - down, pad - right
+    return padded[..., top : top + height, left : left + width]
 
 
 def _build(group: str, config: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -90,9 +124,11 @@ class ImageClassifier(L.LightningModule):
         class_names: Sequence[str] = CIFAR10_CLASSES,
         label_smoothing: float = 0.0,
         norm_bias_lr_scale: float = 1.0,
+        param_groups: Mapping[str, Mapping[str, Any]] | None = None,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         flip_tta: bool = False,
+        translate_tta: int = 0,
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
@@ -101,15 +137,19 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(arguments, logger=False)  # the run logs the whole composed config instead
         self.class_names = tuple(class_names)
         num_classes = len(self.class_names)
-        self.net = ClassifierNet(instantiate(self.hparams["net"], num_classes=num_classes), mean, std, flip_tta)
+        if param_groups and norm_bias_lr_scale != 1.0:
+            raise ConfigError("set either model.param_groups or model.norm_bias_lr_scale, not both")
+        backbone = instantiate(self.hparams["net"], num_classes=num_classes)
+        self.net = ClassifierNet(backbone, mean, std, flip_tta, translate_tta)
         if channels_last:
             # torch's type stubs omit Module.to's memory_format keyword, which it accepts and documents
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if compile:
             self.net.compile()
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        # No input checks in the metrics: their NaN and label checks copy a flag to the host on every step.
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc_best = MaxMetric()
         self.test_metrics = classification_metrics(num_classes)
         self.test_report: dict[str, float] = {}
@@ -133,9 +173,10 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch
         logits = self.net(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams["label_smoothing"])
-        # Metric objects accumulate on the device and are reduced once per epoch: no host sync per step.
-        self.train_loss(loss.detach())
-        self.train_acc(logits.detach(), labels)
+        # Metric objects accumulate on the device and are reduced once per epoch: no host sync per step, and
+        # update() rather than a call, which would also compute each batch's own value.
+        self.train_loss.update(loss.detach())
+        self.train_acc.update(logits.detach(), labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -143,8 +184,8 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self.net(images)
-        self.val_loss(F.cross_entropy(logits, labels))
-        self.val_acc(logits, labels)
+        self.val_loss.update(F.cross_entropy(logits, labels))
+        self.val_acc.update(logits, labels)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
@@ -173,17 +214,41 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         # Partial first, call second: Hydra would otherwise try to turn the tensors into config nodes.
-        optimizer = _build("optimizer", self.hparams["optimizer"], self._param_groups())
+        optimizer = _build("optimizer", self.hparams["optimizer"], self.param_groups())
         if self.hparams["scheduler"] is None:
             return {"optimizer": optimizer}
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = _build("scheduler", self.hparams["scheduler"], optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups: per `param_groups` if set, else by norm_bias_lr_scale."""
+        if self.hparams["param_groups"]:
+            return self._named_groups(self.hparams["param_groups"])
+        return self._norm_bias_groups(self.hparams["norm_bias_lr_scale"])
+
+    def _named_groups(self, config: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Each group takes the parameters whose names match one of its `params` glob patterns (the first group
+        that matches wins) and its own optimizer options; the rest form group `default` with the optimizer's."""
+        remaining = {name: param for name, param in self.named_parameters() if param.requires_grad}
+        groups = []
+        for group_name, options in config.items():
+            patterns = options.get("params") or []
+            names = [name for name in remaining if any(fnmatchcase(name, pattern) for pattern in patterns)]
+            if not names:
+                raise ConfigError(
+                    f"model.param_groups.{group_name}: no trainable parameter matches {list(patterns)}; "
+                    f"parameters: {', '.join(remaining)}"
+                )
+            extra = {key: value for key, value in options.items() if key != "params"}
+            groups.append({"name": group_name, "params": [remaining.pop(name) for name in names], **extra})
+        if remaining:
+            groups.append({"name": "default", "params": list(remaining.values())})
+        return groups
+
+    def _norm_bias_groups(self, scale: float) -> list[dict[str, Any]]:
         """Normalisation biases may learn at a scaled rate with weight decay scaled inversely, so their
         effective decay per step stays that of every other parameter (airbench's decoupled rates)."""
-        scale = self.hparams["norm_bias_lr_scale"]
         norm_biases = [
             module.bias
             for module in self.net.modules()

@@ -39,3 +39,22 @@ compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="
 
 clean:
 	rm -rf runs logs .pytest_cache
+
+# ---------------------------------------------------------------------------------------------- monitoring
+.PHONY: system-deps drift-eval dashboards prometheus
+
+# system tools the tests need: promtool (Debian/Ubuntu package prometheus; run as root)
+system-deps:
+	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+
+drift-eval: venv  ## drift flag rates on clean and corrupted test images: make drift-eval ARGS="--quick"
+	$(BIN)/python scripts/drift_eval.py $(ARGS)
+
+dashboards: venv  ## regenerate monitoring/grafana/dashboards/*.json from build_dashboards.py
+	$(BIN)/python monitoring/grafana/build_dashboards.py
+
+SERVE_ADDR ?= 127.0.0.1:8000
+prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project's rules, scraping $(SERVE_ADDR) (no Docker)
+	sed 's/serve:8000/$(SERVE_ADDR)/' monitoring/prometheus/prometheus.yml > monitoring/prometheus/local.yml
+	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
+		--web.listen-address=127.0.0.1:9090

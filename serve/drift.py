@@ -99,37 +99,43 @@ class Reference:
     def from_json(cls, text: str, where: str = "reference") -> Reference:
         try:
             document = json.loads(text)
-            if document.get("format_version") != REFERENCE_FORMAT_VERSION:
-                raise ReferenceError(
-                    f"{where}: format_version {document.get('format_version')!r}, this server reads "
-                    f"{REFERENCE_FORMAT_VERSION}; re-export the model to refresh it"
-                )
+        except json.JSONDecodeError as error:
+            raise ReferenceError(f"{where} is not a valid reference file: {error}") from error
+        version = document.get("format_version") if isinstance(document, dict) else None
+        if version != REFERENCE_FORMAT_VERSION:
+            raise ReferenceError(
+                f"{where}: format_version {version!r}, this server reads {REFERENCE_FORMAT_VERSION}; "
+                "re-export the model to refresh it"
+            )
+        try:
             statistics = document["statistics"]
-            sample = np.array([statistics[name]["sample"] for name in CONTINUOUS], dtype=np.float64).T
             reference = cls(
                 classes=tuple(document["classes"]),
                 images=int(document["images"]),
                 class_counts=np.asarray(document["class_counts"], dtype=np.int64),
                 quantiles={name: np.asarray(statistics[name]["quantiles"], dtype=np.float64) for name in CONTINUOUS},
-                sample=sample,
+                sample=np.array([statistics[name]["sample"] for name in CONTINUOUS], dtype=np.float64).T,
                 provenance=dict(document.get("provenance", {})),
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            if isinstance(error, ReferenceError):
-                raise
-            raise ReferenceError(f"{where} is not a valid reference file: {error}") from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise ReferenceError(f"{where} is not a valid reference file: missing or malformed {error}") from error
         if len(reference.class_counts) != len(reference.classes) or len(reference.sample) == 0:
             raise ReferenceError(f"{where}: class counts do not match the classes, or the sample is empty")
         return reference
 
     @classmethod
-    def load(cls, path: str | Path) -> Reference:
+    def load(cls, path: str | Path, model_sha256: str | None = None) -> Reference:
+        """Read a reference file; with `model_sha256`, also check that it was computed for that model file."""
         path = Path(path)
         try:
             text = path.read_text()
         except OSError as error:
             raise ReferenceError(f"cannot read reference statistics {path}: {error.strerror}") from error
-        return cls.from_json(text, where=str(path))
+        reference = cls.from_json(text, where=str(path))
+        recorded = reference.provenance.get("model_sha256")
+        if model_sha256 is not None and recorded != model_sha256:
+            raise ReferenceError(f"{path} was computed for model sha256 {recorded}, not for {model_sha256}")
+        return reference
 
 
 def build_reference(

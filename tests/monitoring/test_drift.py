@@ -86,7 +86,8 @@ def test_reference_round_trips_through_json(reference: Reference, tmp_path: Path
     [
         ("{not json", "not a valid reference file"),
         (json.dumps({"format_version": 99}), "format_version 99"),
-        (json.dumps({"format_version": 1, "classes": ["a"]}), "not a valid reference file"),
+        (json.dumps({"format_version": 1, "classes": ["a"]}), "missing or malformed 'statistics'"),
+        ("[1, 2]", "format_version None"),
     ],
 )
 def test_a_bad_reference_file_is_a_clear_error(text: str, message: str, tmp_path: Path) -> None:

@@ -23,6 +23,14 @@ HISTOGRAMS = {
     "cifarlab_inference_duration_seconds",
     "cifarlab_prediction_confidence",
 }
+MONITORING_METRICS = {  # served by serve.drift and serve.feedback's collectors
+    "cifarlab_drift_score",
+    "cifarlab_drift_detected",
+    "cifarlab_feedback_total",
+    "cifarlab_live_accuracy",
+    "cifarlab_live_precision",
+    "cifarlab_live_recall",
+}
 CONTRACT_METRICS = {
     "cifarlab_http_requests_total",
     "cifarlab_http_requests_in_flight",
@@ -30,12 +38,7 @@ CONTRACT_METRICS = {
     "cifarlab_model_info",
     "cifarlab_model_ready",
     "cifarlab_model_reloads_total",
-    "cifarlab_drift_score",
-    "cifarlab_drift_detected",
-    "cifarlab_feedback_total",
-    "cifarlab_live_accuracy",
-    "cifarlab_live_precision",
-    "cifarlab_live_recall",
+    *MONITORING_METRICS,
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "up",

@@ -19,16 +19,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 from serve.drift import DriftCollector, DriftMonitor, build_reference
 from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
 from tests.monitoring.test_drift import CLASSES, confident_probabilities, textured_images
-from tests.monitoring.test_prometheus import PROMETHEUS, dashboard_expressions, metric_names, rule_expressions
+from tests.monitoring.test_prometheus import (
+    MONITORING_METRICS,
+    PROMETHEUS,
+    dashboard_expressions,
+    metric_names,
+    rule_expressions,
+)
 
-MONITORING_METRICS = {
-    "cifarlab_drift_score",
-    "cifarlab_drift_detected",
-    "cifarlab_feedback_total",
-    "cifarlab_live_accuracy",
-    "cifarlab_live_precision",
-    "cifarlab_live_recall",
-}
 STARTUP_S = 60
 
 

@@ -169,20 +169,18 @@ def evaluate(args: argparse.Namespace) -> dict:
         return (*traffic_statistics(images, probabilities), probabilities)
 
     # Calibration on validation only: a reference from one half, windows from the other.
-    half = np.random.default_rng(args.seed).permutation(len(val_images))
-    first, second = val_images[half[::2]], val_images[half[1::2]]
-    first_probabilities = statistics(first)[2]
-    calibration_reference = build_reference(first, first_probabilities, dataset.classes)
-    second_values, second_predicted, _ = statistics(second)
-    conditions = {
-        "validation (calibration)": window_rates(calibration_reference, second_values, second_predicted, args)
-    }
+    val_values, val_predicted, val_probabilities = statistics(val_images)
+    order = np.random.default_rng(args.seed).permutation(len(val_images))
+    first, second = order[::2], order[1::2]
+    calibration_reference = build_reference(val_images[first], val_probabilities[first], dataset.classes)
+    calibration = window_rates(calibration_reference, val_values[second], val_predicted[second], args)
+    conditions = {"validation (calibration)": calibration}
 
     shipped = model.with_name(REFERENCE_FILE)
     if shipped.is_file():
         reference = Reference.load(shipped)
     else:  # as training would have written it, from this same session (the file may be replaced meanwhile)
-        reference = build_reference(val_images, statistics(val_images)[2], dataset.classes)
+        reference = build_reference(val_images, val_probabilities, dataset.classes)
     rng = np.random.default_rng(args.seed)
     test_images, labels = dataset.test.images, dataset.test.labels
     for name, corrupt in {"clean test": None, **CORRUPTIONS}.items():
@@ -243,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print("\n".join(verdict(results)))
     write_atomic(args.out, json.dumps(results, indent=2))
-    print(f"-> {args.out}")
+    print(f"-> {args.out} ({results['seconds']} s)")
     return 0
 
 

@@ -202,12 +202,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def format_table(results: dict) -> str:
-    header = f"{'condition':<30}{'windows':>8}{'flagged':>9}{'rate':>8}{'accuracy':>10}  most frequent test"
+    header = f"{'condition':<30}{'windows':>8}{'flagged':>9}{'rate':>8}{'accuracy':>10}  tests that fire in >= half"
     lines = [header, "-" * len(header)]
     for name, row in results["conditions"].items():
         accuracy = f"{row['accuracy']:.3f}" if "accuracy" in row else ""
-        top = max(row["fired"], key=row["fired"].get)
-        fired = f"{top} ({row['fired'][top]})" if row["fired"][top] else "-"
+        ranked = sorted(row["fired"].items(), key=lambda item: -item[1])
+        fired = ", ".join(f"{test} {count}" for test, count in ranked if count >= row["windows"] / 2) or "-"
         lines.append(f"{name:<30}{row['windows']:>8}{row['flagged']:>9}{row['rate']:>8.3f}{accuracy:>10}  {fired}")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,26 +162,19 @@ def build_reference(
 
 
 @dataclass(frozen=True)
-class TestResult:
+class DriftTest:
+    """The outcome of one test of a window against the reference."""
+
     test: str  # "ks" or "chi2"
     statistic: float
     p_value: float
     score: float  # effect size in [0, 1]: the KS distance, or the total-variation distance of the class mixes
-    drifted: bool
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "test": self.test,
-            "statistic": self.statistic,
-            "p_value": self.p_value,
-            "score": self.score,
-            "drifted": self.drifted,
-        }
+    drifted: bool  # p_value below the corrected threshold
 
 
 def compare(
     reference: Reference, values: np.ndarray, predicted: np.ndarray, alpha: float = 0.01
-) -> tuple[bool, dict[str, TestResult]]:
+) -> tuple[bool, dict[str, DriftTest]]:
     """Test one window (statistics [n, 7] and predicted classes [n]) against the reference.
 
     Returns the flag (any test rejects at alpha / number of tests) and every test's result.
@@ -189,22 +182,16 @@ def compare(
     threshold = alpha / len(TESTS)
     ks = stats.ks_2samp(values, reference.sample, axis=0, method="asymp")
     results = {
-        name: TestResult("ks", float(ks.statistic[i]), float(ks.pvalue[i]), float(ks.statistic[i]), False)
-        for i, name in enumerate(CONTINUOUS)
+        name: DriftTest("ks", float(d), float(p), float(d), bool(p < threshold))
+        for name, d, p in zip(CONTINUOUS, ks.statistic, ks.pvalue, strict=True)
     }
     window_counts = np.bincount(predicted, minlength=len(reference.classes))
     table = np.stack([window_counts, reference.class_counts])
     table = table[:, table.sum(axis=0) > 0]  # a class neither side predicted carries no information
-    if table.shape[1] > 1:
-        chi2, p_value, _, _ = stats.chi2_contingency(table, correction=False)
-    else:
-        chi2, p_value = 0.0, 1.0
+    chi2, p_value = stats.chi2_contingency(table, correction=False)[:2] if table.shape[1] > 1 else (0.0, 1.0)
     distance = 0.5 * np.abs(table[0] / table[0].sum() - table[1] / table[1].sum()).sum()
-    results[CLASS_MIX] = TestResult("chi2", float(chi2), float(p_value), float(distance), False)
-    results = {
-        name: TestResult(r.test, r.statistic, r.p_value, r.score, r.p_value < threshold) for name, r in results.items()
-    }
-    return any(r.drifted for r in results.values()), results
+    results[CLASS_MIX] = DriftTest("chi2", float(chi2), float(p_value), float(distance), bool(p_value < threshold))
+    return any(result.drifted for result in results.values()), results
 
 
 class DriftMonitor:
@@ -267,7 +254,7 @@ class DriftMonitor:
             report.update(
                 status="drift" if drifted else "ok",
                 drift_detected=drifted,
-                tests={name: result.as_dict() for name, result in results.items()},
+                tests={name: asdict(result) for name, result in results.items()},
             )
         with self._lock:
             self._cached = (observed, report)

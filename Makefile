@@ -131,3 +131,18 @@ release-model:  ## stage the pulled model as the only file of the release image'
 
 docker-publish:  ## push $(RELEASE_IMAGE):sha-<commit> (and :$(RELEASE_VERSION)) with provenance and SBOM (buildx)
 	scripts/publish_image.sh $(RELEASE_IMAGE) $(RELEASE_VERSION)
+
+# ---------------------------------------------------------------------------------------------- monitoring
+.PHONY: drift-eval dashboards prometheus
+
+drift-eval: venv  ## drift flag rates on clean and corrupted test images: make drift-eval ARGS="--quick"
+	$(BIN)/python scripts/drift_eval.py $(ARGS)
+
+dashboards: venv  ## regenerate monitoring/grafana/dashboards/*.json from build_dashboards.py
+	$(BIN)/python monitoring/grafana/build_dashboards.py
+
+SERVE_ADDR ?= 127.0.0.1:8000
+prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project's rules, scraping $(SERVE_ADDR) (no Docker)
+	sed 's/serve:8000/$(SERVE_ADDR)/' monitoring/prometheus/prometheus.yml > monitoring/prometheus/local.yml
+	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
+		--web.listen-address=127.0.0.1:9090

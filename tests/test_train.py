@@ -41,6 +41,7 @@ def test_short_run_writes_checkpoint_onnx_and_mlflow_record(compose_train, track
         "checkpoints/best.ckpt",
         "checkpoints/last.ckpt",
         "model.onnx",
+        "reference.json",  # drift-detection statistics of the exported model (serve.drift)
         "test_metrics.json",
         "confusion_matrix.png",
     ):

@@ -1,0 +1,291 @@
+"""Drift detection: recent traffic against the reference statistics shipped beside the model.
+
+Training writes `reference.json` next to `model.onnx` (`cifarlab.export.reference`) from the validation images,
+through the same `image_statistics` the server applies to live traffic, so the two sides cannot disagree on
+what a statistic means. The server keeps the last `window` observations in a ring buffer and, when asked,
+tests each statistic against the reference: two-sample Kolmogorov-Smirnov on confidence and the image
+statistics, chi-squared on the predicted-class mix. The window counts as drifted when any test rejects at
+`alpha` divided by the number of tests (Bonferroni: the false-alarm rate of the whole family stays <= alpha).
+
+numpy and scipy only: the serving side imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+REFERENCE_FILE = "reference.json"
+REFERENCE_FORMAT_VERSION = 1
+# BT.601 luma weights: brightness and contrast as a person would judge them, not as an average of channels.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+IMAGE_STATISTICS = ("mean_r", "mean_g", "mean_b", "brightness", "contrast", "sharpness")
+CONTINUOUS = ("confidence", *IMAGE_STATISTICS)
+CLASS_MIX = "class_mix"
+TESTS = (*CONTINUOUS, CLASS_MIX)
+QUANTILES = np.linspace(0.0, 1.0, 101)
+
+
+class ReferenceError(ValueError):
+    """A reference file is missing, malformed or does not fit the model it is used with."""
+
+
+def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image statistics of uint8 RGB images [N, H, W, 3], each a float64 array [N] in [0, 1].
+
+    mean_r/g/b: channel means; brightness: mean luma; contrast: standard deviation of luma; sharpness: mean
+    absolute difference between neighbouring luma pixels (falls under blur, rises under noise).
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    pixels = images.astype(np.float32) / 255.0
+    channel_means = pixels.mean(axis=(1, 2), dtype=np.float64)
+    luma = pixels @ LUMA
+    horizontal = np.abs(np.diff(luma, axis=2)).mean(axis=(1, 2), dtype=np.float64)
+    vertical = np.abs(np.diff(luma, axis=1)).mean(axis=(1, 2), dtype=np.float64)
+    return {
+        "mean_r": channel_means[:, 0],
+        "mean_g": channel_means[:, 1],
+        "mean_b": channel_means[:, 2],
+        "brightness": luma.mean(axis=(1, 2), dtype=np.float64),
+        "contrast": luma.std(axis=(1, 2), dtype=np.float64),
+        "sharpness": (horizontal + vertical) / 2.0,
+    }
+
+
+def traffic_statistics(images: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the monitor records per image: the CONTINUOUS statistics as columns [N, 7] and the predicted class."""
+    if len(images) != len(probabilities):
+        raise ValueError(f"{len(images)} images but {len(probabilities)} rows of probabilities")
+    columns = {"confidence": probabilities.max(axis=1).astype(np.float64), **image_statistics(images)}
+    return np.stack([columns[name] for name in CONTINUOUS], axis=1), probabilities.argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Reference statistics of one model on its validation images (the contents of reference.json)."""
+
+    classes: tuple[str, ...]
+    images: int
+    class_counts: np.ndarray  # predicted-class counts over all reference images
+    quantiles: dict[str, np.ndarray]  # per statistic, the 0..100th percentiles over all reference images
+    sample: np.ndarray  # [S, len(CONTINUOUS)]: a seeded random sample of the images' statistics (S bounded)
+    provenance: dict[str, str]  # run id, model sha256, data manifest sha256, ...
+
+    def to_json(self) -> str:
+        def rounded(values: np.ndarray) -> list[float]:
+            return [round(float(v), 6) for v in values]
+
+        document = {
+            "format_version": REFERENCE_FORMAT_VERSION,
+            "classes": list(self.classes),
+            "images": self.images,
+            "class_counts": [int(c) for c in self.class_counts],
+            "statistics": {
+                name: {"quantiles": rounded(self.quantiles[name]), "sample": rounded(self.sample[:, i])}
+                for i, name in enumerate(CONTINUOUS)
+            },
+            "provenance": self.provenance,
+        }
+        return json.dumps(document, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "reference") -> Reference:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ReferenceError(f"{where} is not a valid reference file: {error}") from error
+        version = document.get("format_version") if isinstance(document, dict) else None
+        if version != REFERENCE_FORMAT_VERSION:
+            raise ReferenceError(
+                f"{where}: format_version {version!r}, this server reads {REFERENCE_FORMAT_VERSION}; "
+                "re-export the model to refresh it"
+            )
+        try:
+            statistics = document["statistics"]
+            reference = cls(
+                classes=tuple(document["classes"]),
+                images=int(document["images"]),
+                class_counts=np.asarray(document["class_counts"], dtype=np.int64),
+                quantiles={name: np.asarray(statistics[name]["quantiles"], dtype=np.float64) for name in CONTINUOUS},
+                sample=np.array([statistics[name]["sample"] for name in CONTINUOUS], dtype=np.float64).T,
+                provenance=dict(document.get("provenance", {})),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ReferenceError(f"{where} is not a valid reference file: missing or malformed {error}") from error
+        if len(reference.class_counts) != len(reference.classes) or len(reference.sample) == 0:
+            raise ReferenceError(f"{where}: class counts do not match the classes, or the sample is empty")
+        return reference
+
+    @classmethod
+    def load(cls, path: str | Path, model_sha256: str | None = None) -> Reference:
+        """Read a reference file; with `model_sha256`, also check that it was computed for that model file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ReferenceError(f"cannot read reference statistics {path}: {error.strerror}") from error
+        reference = cls.from_json(text, where=str(path))
+        recorded = reference.provenance.get("model_sha256")
+        if model_sha256 is not None and recorded != model_sha256:
+            raise ReferenceError(f"{path} was computed for model sha256 {recorded}, not for {model_sha256}")
+        return reference
+
+
+def build_reference(
+    images: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    sample_size: int = 2000,
+    seed: int = 0,
+    **provenance: str,
+) -> Reference:
+    """Reference statistics from a model's softmax outputs on held-out images (the validation split)."""
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(classes):
+        raise ValueError(f"probabilities of shape {list(probabilities.shape)} do not fit {len(classes)} classes")
+    values, predicted = traffic_statistics(images, probabilities)
+    rows = np.random.default_rng(seed).permutation(len(values))[:sample_size]
+    return Reference(
+        classes=tuple(classes),
+        images=len(values),
+        class_counts=np.bincount(predicted, minlength=len(classes)),
+        quantiles={name: np.quantile(values[:, i], QUANTILES) for i, name in enumerate(CONTINUOUS)},
+        sample=values[np.sort(rows)],
+        provenance=provenance,
+    )
+
+
+@dataclass(frozen=True)
+class DriftTest:
+    """The outcome of one test of a window against the reference."""
+
+    test: str  # "ks" or "chi2"
+    statistic: float
+    p_value: float
+    score: float  # effect size in [0, 1]: the KS distance, or the total-variation distance of the class mixes
+    drifted: bool  # p_value below the corrected threshold
+
+
+def compare(
+    reference: Reference, values: np.ndarray, predicted: np.ndarray, alpha: float = 0.01
+) -> tuple[bool, dict[str, DriftTest]]:
+    """Test one window (statistics [n, 7] and predicted classes [n]) against the reference.
+
+    Returns the flag (any test rejects at alpha / number of tests) and every test's result.
+    """
+    threshold = alpha / len(TESTS)
+    ks = stats.ks_2samp(values, reference.sample, axis=0, method="asymp")
+    results = {
+        name: DriftTest("ks", float(d), float(p), float(d), bool(p < threshold))
+        for name, d, p in zip(CONTINUOUS, ks.statistic, ks.pvalue, strict=True)
+    }
+    window_counts = np.bincount(predicted, minlength=len(reference.classes))
+    table = np.stack([window_counts, reference.class_counts])
+    table = table[:, table.sum(axis=0) > 0]  # a class neither side predicted carries no information
+    chi2, p_value = stats.chi2_contingency(table, correction=False)[:2] if table.shape[1] > 1 else (0.0, 1.0)
+    distance = 0.5 * np.abs(table[0] / table[0].sum() - table[1] / table[1].sum()).sum()
+    results[CLASS_MIX] = DriftTest("chi2", float(chi2), float(p_value), float(distance), bool(p_value < threshold))
+    return any(result.drifted for result in results.values()), results
+
+
+class DriftMonitor:
+    """A sliding window over the last `window` predictions, tested against the reference on demand.
+
+    `observe` is O(batch) (a ring buffer write under a lock); `report` tests the window, and caches the result
+    until the next observation, so scrapes and `GET /v1/drift` cost nothing between requests.
+    """
+
+    def __init__(self, reference: Reference, window: int = 200, alpha: float = 0.01) -> None:
+        if window < 20:
+            raise ValueError(f"a drift window needs at least 20 observations to test anything, not {window}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be between 0 and 1, not {alpha}")
+        self.reference, self.window, self.alpha = reference, window, alpha
+        self._values = np.zeros((window, len(CONTINUOUS)), dtype=np.float64)
+        self._predicted = np.zeros(window, dtype=np.int64)
+        self._next = 0  # ring position of the next write
+        self._observed = 0  # ever, so a report names how much traffic it has seen
+        self._lock = threading.Lock()
+        self._cached: tuple[int, dict] | None = None
+
+    def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        """Record a batch of model inputs (uint8 [N, 32, 32, 3]) and the model's softmax outputs [N, classes]."""
+        if probabilities.shape[-1] != len(self.reference.classes):
+            raise ValueError(
+                f"probabilities have {probabilities.shape[-1]} classes, the reference {len(self.reference.classes)}"
+            )
+        values, predicted = traffic_statistics(images, probabilities)
+        values, predicted = values[-self.window :], predicted[-self.window :]
+        with self._lock:
+            positions = (self._next + np.arange(len(values))) % self.window
+            self._values[positions] = values
+            self._predicted[positions] = predicted
+            self._next = (self._next + len(values)) % self.window
+            self._observed += len(images)
+
+    def report(self) -> dict:
+        """The drift report (JSON-ready) of the current window; `drift_detected` is False until the window is full."""
+        with self._lock:
+            observed = self._observed
+            if self._cached is not None and self._cached[0] == observed:
+                return self._cached[1]
+            count = min(observed, self.window)
+            values, predicted = self._values[:count].copy(), self._predicted[:count].copy()
+        report = {
+            "window": self.window,
+            "observed": observed,
+            "in_window": count,
+            "alpha": self.alpha,
+            "threshold": self.alpha / len(TESTS),
+            "correction": "bonferroni",
+            "drift_detected": False,
+            "status": "insufficient_data",
+            "tests": {},
+            "reference": {"images": self.reference.images, **self.reference.provenance},
+        }
+        if count == self.window:
+            drifted, results = compare(self.reference, values, predicted, self.alpha)
+            report.update(
+                status="drift" if drifted else "ok",
+                drift_detected=drifted,
+                tests={name: asdict(result) for name, result in results.items()},
+            )
+        with self._lock:
+            self._cached = (observed, report)
+        return report
+
+
+class DriftCollector:
+    """Prometheus collector: `cifarlab_drift_score{variant,test}` and `cifarlab_drift_detected{variant}`.
+
+    Register it once (`registry.register(DriftCollector(monitors))`); values are computed at scrape time.
+    """
+
+    def __init__(self, monitors: Mapping[str, DriftMonitor]) -> None:
+        self.monitors = monitors
+
+    def collect(self) -> Iterator[object]:
+        # Imported here: training imports this module for the reference and does not install prometheus_client.
+        from prometheus_client.core import GaugeMetricFamily
+
+        scores = GaugeMetricFamily(
+            "cifarlab_drift_score",
+            "Drift effect size of the window per test (0 = as reference)",
+            labels=["variant", "test"],
+        )
+        detected = GaugeMetricFamily(
+            "cifarlab_drift_detected", "1 when the current window differs from the reference", labels=["variant"]
+        )
+        for variant, monitor in self.monitors.items():
+            report = monitor.report()
+            detected.add_metric([variant], float(report["drift_detected"]))
+            for test, result in report["tests"].items():
+                scores.add_metric([variant, test], result["score"])
+        yield scores
+        yield detected

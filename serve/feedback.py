@@ -1,0 +1,303 @@
+"""The feedback loop: recent predictions kept in memory, true labels stored durably as a training-ready dataset.
+
+`RecentPredictions` holds the model inputs of the last requests (bounded in count and in bytes, oldest evicted
+first). When a client later names the true label of a request (`POST /v1/feedback`), `FeedbackStore` writes the
+image as `<root>/<class>/<request id>.png` (the layout `cifarlab.data.prepare` reads for `train/`) and appends a
+line to `<root>/manifest.jsonl`. Both writes are fsynced before the call returns, so acknowledged feedback survives
+a crash; the image is renamed into place before its manifest line exists, so no manifest line names a partial
+image. The store is for one server process (a lock guards it; several processes need one store each).
+
+Errors map to HTTP statuses: UnknownRequest 404, InvalidFeedback 422, ConflictingFeedback 409.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+MANIFEST_FILE = "manifest.jsonl"
+# Request ids become file names: no separators, no leading dot (hidden files are skipped by data preparation).
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class FeedbackError(Exception):
+    """Feedback that cannot be accepted; the message says why."""
+
+
+class UnknownRequest(FeedbackError):
+    """No recent prediction has this request id (never made, or already evicted from the cache)."""
+
+
+class InvalidFeedback(FeedbackError):
+    """A label outside the model's classes, or a request id that cannot name a file."""
+
+
+class ConflictingFeedback(FeedbackError):
+    """This request already has feedback with a different label."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the server answered for one image, kept until feedback arrives or the cache evicts it."""
+
+    request_id: str
+    image: np.ndarray  # the model's input: uint8 [H, W, 3] RGB
+    predicted: str
+    confidence: float
+    variant: str
+    version: str
+
+
+class RecentPredictions:
+    """A thread-safe LRU cache of predictions, bounded by `max_items` and by `max_bytes` of image data."""
+
+    def __init__(self, max_items: int = 10_000, max_bytes: int = 64 * 2**20) -> None:
+        if max_items < 1 or max_bytes < 1:
+            raise ValueError("the prediction cache needs room for at least one item")
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict[str, Prediction] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, prediction: Prediction) -> None:
+        with self._lock:
+            previous = self._items.pop(prediction.request_id, None)
+            if previous is not None:
+                self._bytes -= previous.image.nbytes
+            self._items[prediction.request_id] = prediction
+            self._bytes += prediction.image.nbytes
+            while len(self._items) > self.max_items or (self._bytes > self.max_bytes and len(self._items) > 1):
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.image.nbytes
+
+    def get(self, request_id: str) -> Prediction:
+        with self._lock:
+            prediction = self._items.get(request_id)
+        if prediction is None:
+            raise UnknownRequest(f"no recent prediction with request id {request_id!r} (unknown or expired)")
+        return prediction
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One manifest line: the true label of a request and what the model had answered."""
+
+    request_id: str
+    label: str
+    predicted: str
+    correct: bool
+    confidence: float
+    variant: str
+    version: str
+    path: str  # relative to the store's root
+    received_at: str
+
+
+@dataclass(frozen=True)
+class LiveMetrics:
+    """Accuracy, precision and recall of one variant and version, from the feedback received so far."""
+
+    variant: str
+    version: str
+    count: int
+    accuracy: float
+    precision: dict[str, float]  # per label the model predicted at least once
+    recall: dict[str, float]  # per label that was the true label at least once
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class FeedbackStore:
+    """Feedback images in image-folder layout plus an append-only JSON-lines manifest, reloaded at start."""
+
+    def __init__(self, root: str | os.PathLike, classes: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.classes = tuple(classes)
+        self._index = {name: i for i, name in enumerate(self.classes)}
+        self._records: dict[str, FeedbackRecord] = {}
+        self._confusion: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = self.root / MANIFEST_FILE
+        self._load()
+
+    def submit(self, request_id: str, label: str, recent: RecentPredictions) -> tuple[FeedbackRecord, bool]:
+        """Store the true `label` of a recent request; returns the record and whether it is new.
+
+        Repeating the same feedback returns the stored record (created False), even after the cache evicted it.
+        """
+        if not isinstance(label, str) or label not in self._index:
+            raise InvalidFeedback(f"label {label!r} is not one of the model's classes: {', '.join(self.classes)}")
+        if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
+            raise InvalidFeedback(f"request id {request_id!r} is not a valid id (letters, digits, '_.-', <= 128)")
+        with self._lock:
+            existing = self._records.get(request_id)
+            if existing is not None:
+                if existing.label != label:
+                    raise ConflictingFeedback(
+                        f"request {request_id!r} already has feedback {existing.label!r}; it cannot become {label!r}"
+                    )
+                return existing, False
+            prediction = recent.get(request_id)
+            relative = f"{label}/{request_id}.png"
+            self._write_image(self.root / relative, prediction.image)
+            record = FeedbackRecord(
+                request_id=request_id,
+                label=label,
+                predicted=prediction.predicted,
+                correct=prediction.predicted == label,
+                confidence=float(prediction.confidence),
+                variant=prediction.variant,
+                version=prediction.version,
+                path=relative,
+                received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            )
+            self._append(record)
+            self._add(record)
+        return record, True
+
+    def get(self, request_id: str) -> FeedbackRecord:
+        with self._lock:
+            record = self._records.get(request_id)
+        if record is None:
+            raise UnknownRequest(f"no feedback for request id {request_id!r}")
+        return record
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def live_metrics(self) -> list[LiveMetrics]:
+        """Per (variant, version): accuracy, and per-label precision and recall over all feedback received."""
+        with self._lock:
+            confusions = {key: matrix.copy() for key, matrix in sorted(self._confusion.items())}
+        metrics = []
+        for (variant, version), matrix in confusions.items():
+            hits = np.diag(matrix)
+            predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+            metrics.append(
+                LiveMetrics(
+                    variant=variant,
+                    version=version,
+                    count=int(matrix.sum()),
+                    accuracy=float(hits.sum() / matrix.sum()),
+                    precision={self.classes[i]: float(hits[i] / predicted[i]) for i in np.flatnonzero(predicted)},
+                    recall={self.classes[i]: float(hits[i] / actual[i]) for i in np.flatnonzero(actual)},
+                )
+            )
+        return metrics
+
+    def feedback_counts(self) -> dict[tuple[str, bool], int]:
+        """Feedback received per (variant, correct)."""
+        counts: dict[tuple[str, bool], int] = {}
+        with self._lock:
+            for record in self._records.values():
+                key = (record.variant, record.correct)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _write_image(self, path: Path, image: np.ndarray) -> None:
+        path.parent.mkdir(exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp")  # hidden: data preparation never reads it
+        with open(temp, "wb") as handle:
+            Image.fromarray(image).save(handle, format="PNG")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        _fsync_directory(path.parent)
+
+    def _append(self, record: FeedbackRecord) -> None:
+        line = json.dumps(asdict(record), sort_keys=True) + "\n"
+        created = not self.manifest.exists()
+        with open(self.manifest, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if created:
+            _fsync_directory(self.root)
+
+    def _load(self) -> None:
+        """Read the manifest; a torn last line (a crash mid-append, never acknowledged) is cut off."""
+        if not self.manifest.exists():
+            return
+        data = self.manifest.read_bytes()
+        good_end = 0
+        for line in _lines(data):
+            try:
+                record = FeedbackRecord(**json.loads(line))
+            except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+                break
+            self._add(record)
+            good_end += len(line)
+        if good_end < len(data):
+            with open(self.manifest, "r+b") as handle:
+                handle.truncate(good_end)
+                os.fsync(handle.fileno())
+
+    def _add(self, record: FeedbackRecord) -> None:
+        self._records[record.request_id] = record
+        key = (record.variant, record.version)
+        matrix = self._confusion.setdefault(key, np.zeros((len(self.classes), len(self.classes)), dtype=np.int64))
+        if record.predicted in self._index and record.label in self._index:
+            matrix[self._index[record.label], self._index[record.predicted]] += 1
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    """Complete lines, newline included; an unterminated tail is not a complete line."""
+    start = 0
+    while (end := data.find(b"\n", start)) != -1:
+        yield data[start : end + 1]
+        start = end + 1
+
+
+class FeedbackCollector:
+    """Prometheus collector for `cifarlab_feedback_total` and `cifarlab_live_{accuracy,precision,recall}`."""
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        total = CounterMetricFamily(
+            "cifarlab_feedback", "Feedback received, by whether the answer was correct", labels=["variant", "correct"]
+        )
+        for (variant, correct), count in sorted(self.store.feedback_counts().items()):
+            total.add_metric([variant, str(correct).lower()], count)
+        accuracy = GaugeMetricFamily(
+            "cifarlab_live_accuracy", "Accuracy on requests with feedback", labels=["variant", "version"]
+        )
+        precision = GaugeMetricFamily(
+            "cifarlab_live_precision", "Precision per label on feedback", labels=["variant", "version", "label"]
+        )
+        recall = GaugeMetricFamily(
+            "cifarlab_live_recall", "Recall per label on feedback", labels=["variant", "version", "label"]
+        )
+        for live in self.store.live_metrics():
+            accuracy.add_metric([live.variant, live.version], live.accuracy)
+            for label, value in live.precision.items():
+                precision.add_metric([live.variant, live.version, label], value)
+            for label, value in live.recall.items():
+                recall.add_metric([live.variant, live.version, label], value)
+        yield from (total, accuracy, precision, recall)

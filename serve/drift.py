@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -212,7 +213,7 @@ class DriftMonitor:
         self._next = 0  # ring position of the next write
         self._observed = 0  # ever, so a report names how much traffic it has seen
         self._lock = threading.Lock()
-        self._cached: tuple[int, dict] | None = None
+        self._cached: tuple[int, dict[str, Any]] | None = None
 
     def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
         """Record a batch of model inputs (uint8 [N, 32, 32, 3]) and the model's softmax outputs [N, classes]."""
@@ -229,7 +230,7 @@ class DriftMonitor:
             self._next = (self._next + len(values)) % self.window
             self._observed += len(images)
 
-    def report(self) -> dict:
+    def report(self) -> dict[str, Any]:
         """The drift report (JSON-ready) of the current window; `drift_detected` is False until the window is full."""
         with self._lock:
             observed = self._observed

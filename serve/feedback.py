@@ -134,7 +134,7 @@ def _fsync_directory(path: Path) -> None:
 class FeedbackStore:
     """Feedback images in image-folder layout plus an append-only JSON-lines manifest, reloaded at start."""
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], classes: Sequence[str]) -> None:
         self.root = Path(root)
         self.classes = tuple(classes)
         self._index = {name: i for i, name in enumerate(self.classes)}

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
@@ -65,7 +66,8 @@ def promote(cfg: DictConfig) -> Decision:
     challenger_score = _score(cfg, challenger)
     champion_score = None if champion is None else _score(cfg, champion)
     promoted = champion_score is None or challenger_score > champion_score + cfg.margin
-    decision = Decision(promoted, challenger.version, champion and champion.version, challenger_score, champion_score)
+    champion_version = None if champion is None else str(champion.version)
+    decision = Decision(promoted, challenger.version, champion_version, challenger_score, champion_score)
     if promoted:
         client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, challenger.version)
     _record(client, cfg, decision)
@@ -112,7 +114,7 @@ def _score(cfg: DictConfig, version: ModelVersion) -> float:
                     "metrics_path": str(Path(folder) / "test_metrics.json"),
                 },
             )
-            summary = evaluate(eval_cfg)
+            summary = evaluate(cast(DictConfig, eval_cfg))
         except Exception as error:  # whatever the cause, the decision cannot be made: report it, change nothing
             raise RegistryError(f"could not evaluate {label}, nothing was changed: {_first_line(error)}") from error
     if cfg.metric not in summary:

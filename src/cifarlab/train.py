@@ -89,7 +89,7 @@ def _publish(cfg: DictConfig, best: str, onnx: Path | None, model: Any, version:
         raise ConfigError(
             "publish_dir needs a best checkpoint and its ONNX export (callbacks=default, no fast_dev_run)"
         )
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: str keys
     written = publish_model(Path(cfg.publish_dir), Path(best), onnx, config, model.test_report, version)
     log.info("Published %s", ", ".join(map(str, written)))
 

@@ -1,11 +1,11 @@
 """Lookahead on an exponential moving average of the weights (airbench94's EMA)."""
 
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class Lookahead(Callback):
@@ -42,6 +42,7 @@ class Lookahead(Callback):
 
     @torch.no_grad()
     def update(self, pl_module: L.LightningModule, decay: float) -> None:
+        assert self.average is not None, "the average starts at on_train_start"
         for name, tensor in self._tensors(pl_module).items():
             average = self.average[name]
             average.lerp_(tensor, 1.0 - decay)
@@ -50,7 +51,8 @@ class Lookahead(Callback):
     @staticmethod
     def _tensors(pl_module: L.LightningModule) -> dict[str, Tensor]:
         # state_dict tensors share storage with the parameters and buffers: copying into them updates the model.
-        return {name: t for name, t in pl_module.net.state_dict().items() if t.is_floating_point()}
+        net = cast(nn.Module, pl_module.net)
+        return {name: t for name, t in net.state_dict().items() if t.is_floating_point()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average}

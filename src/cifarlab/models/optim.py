@@ -69,7 +69,7 @@ class Muon(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -82,6 +82,7 @@ class Muon(Optimizer):
 
     def _update(self, param: Tensor, group: dict[str, Any]) -> None:
         grad = param.grad
+        assert grad is not None  # step() updates only parameters that have one
         if group["weight_decay"]:
             grad = grad.add(param, alpha=group["weight_decay"])
         state = self.state[param]

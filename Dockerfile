@@ -1,6 +1,7 @@
 # The inference service (serve/): FastAPI + ONNX Runtime, no torch, no training code.
 #   make docker-build        docker build -t cifarlab-serve .
 #   docker run -p 8000:8000 -v "$PWD/runs/<run id>/model.onnx:/models/model.onnx:ro" cifarlab-serve
+# Feedback (POST /v1/feedback) needs a volume: -e FEEDBACK_DIR=/data/feedback -v cifarlab-feedback:/data/feedback
 # A model baked in instead of mounted:
 #   docker build --target baked --build-context model=runs/<run id> -t cifarlab-serve:<run id> .
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -13,7 +14,8 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-deps --require-hashes --only-binary=:all: -r /tmp/requirements.txt
 
 FROM ${PYTHON_IMAGE} AS runtime
-RUN useradd --system --no-log-init --uid 10001 --no-create-home --shell /usr/sbin/nologin serve
+RUN useradd --system --no-log-init --uid 10001 --no-create-home --shell /usr/sbin/nologin serve \
+    && mkdir -p /data/feedback && chown 10001 /data/feedback
 COPY --from=build /opt/venv /opt/venv
 COPY serve/ /app/serve/
 WORKDIR /app

@@ -5,7 +5,7 @@
     python scripts/drift_eval.py --quick                  # the committed sample (1,000 test images)
 
 The false-alarm rate is checked on the validation split first: a reference built from one half of it against
-windows of the other half. Then the model's shipped reference (`reference.json` beside it, or computed from the
+windows of the other half. Then the model's shipped reference (embedded in its metadata, or computed from the
 validation split as training would) meets windows of clean test images and of test images under five common
 corruptions at CIFAR-10-C severity 3 (Hendrycks & Dietterich, 2019): gaussian noise, gaussian blur, brightness,
 contrast, JPEG re-compression. Each window is tested exactly as the server's DriftMonitor tests its window.
@@ -30,10 +30,10 @@ from scipy import ndimage
 from cifarlab.data.datamodule import stratified_split
 from cifarlab.data.prepare import SOURCE_ENV_VAR, PreparedDataset, ensure_prepared, load_prepared, source_slug
 from cifarlab.errors import ConfigError
-from cifarlab.export.onnx import onnx_logits, onnx_session
+from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.export.reference import softmax
 from cifarlab.runtime import user_errors_exit, write_atomic
-from serve.drift import CONTINUOUS, REFERENCE_FILE, TESTS, Reference, build_reference, compare, traffic_statistics
+from serve.drift import CONTINUOUS, TESTS, Reference, build_reference, compare, traffic_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
@@ -176,11 +176,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     calibration = window_rates(calibration_reference, val_values[second], val_predicted[second], args)
     conditions = {"validation (calibration)": calibration}
 
-    shipped = model.with_name(REFERENCE_FILE)
-    if shipped.is_file():
-        reference = Reference.load(shipped)
-    else:  # as training would have written it, from this same session (the file may be replaced meanwhile)
-        reference = build_reference(val_images, val_probabilities, dataset.classes)
+    shipped = Reference.from_metadata(read_metadata(model), dataset.classes, where=str(model))
+    # without one (a model exported before references existed): as training would have computed it
+    reference = shipped or build_reference(val_images, val_probabilities, dataset.classes)
     rng = np.random.default_rng(args.seed)
     test_images, labels = dataset.test.images, dataset.test.labels
     for name, corrupt in {"clean test": None, **CORRUPTIONS}.items():
@@ -191,7 +189,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         }
     return {
         "model": str(model),
-        "reference": str(shipped) if shipped.is_file() else "computed from the validation split",
+        "reference": "embedded in the model" if shipped else "computed from the validation split",
         "window": args.window,
         "alpha": args.alpha,
         "tests": list(TESTS),

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
@@ -25,6 +25,9 @@ from serve.model import LoadedModel
 from serve.preprocess import decode_batch, limit_pillow
 from serve.schemas import (
     ClassProbability,
+    DriftResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     ModelInfo,
     ModelRef,
     Prediction,
@@ -34,8 +37,8 @@ from serve.schemas import (
     ReloadResponse,
     Status,
 )
-from serve.service import Service
-from serve.settings import Settings
+from serve.service import Answer, Service
+from serve.settings import Settings, load_settings
 
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when API_KEY is set")
 
@@ -46,9 +49,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "malformed request (JSON that does not parse, broken multipart)",
         401: "missing or wrong X-API-Key",
         403: "admin calls are disabled (no API_KEY configured)",
+        404: "unknown or expired request id, unknown variant, or feedback not enabled (FEEDBACK_DIR)",
+        409: "this image already has feedback with another label",
         413: "body over the size limit, or an image with too many pixels (decompression bomb)",
         415: "unsupported Content-Type",
-        422: "invalid input: not an image, truncated or empty file, bad base64, too many images, bad parameters",
+        422: "invalid input: not an image, truncated or empty file, bad base64, too many images, bad parameters, "
+        "a label outside the model's classes",
         500: "the model call failed for the batch this request was in",
         503: "not ready: model not loaded, or shutting down",
     }
@@ -56,7 +62,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()  # type: ignore[call-arg]  # MODEL_URI comes from the environment
+    settings = settings or load_settings()
     limit_pillow(settings.max_image_pixels)
     service = Service(settings)
 
@@ -103,41 +109,89 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     )
     async def predict(
         request: Request,
+        response: Response,
         top_k: Annotated[int | None, Query(ge=1, le=1000, description="probabilities per image")] = None,
     ) -> PredictResponse:
         """Images as multipart files (field `files`, repeated) or as JSON `{"images": [<base64>, ...]}`.
-        Images that are not 32x32 are resized with Pillow's bilinear filter."""
-        with service.batcher.arriving():
+        Images that are not 32x32 are resized with Pillow's bilinear filter. With several variants, the client
+        id header (default X-Client-ID) keeps a client on one variant."""
+        variant = service.assign(request.headers.get(settings.client_id_header))
+        request.state.variant = variant
+        request_id = request_id_of(request.scope)
+        with service.variants[variant].batcher.arriving():
             names, blobs = await _read_images(request, settings.max_images_per_request)
             images = await asyncio.to_thread(decode_batch, blobs, settings.max_image_pixels)
         try:
-            probabilities, model = await service.predict(images)
+            answer = await service.predict(images, variant, request_id)
         except BatchFailed as error:
             raise ApiError(500, "inference_failed", str(error)) from error
-        predictions = _predictions(probabilities, model, names, top_k or settings.default_top_k)
-        _record(service, request, model, predictions)
-        return PredictResponse(request_id=request_id_of(request.scope), model=_ref(model), predictions=predictions)
+        predictions = _predictions(answer, names, top_k or settings.default_top_k)
+        response.headers["X-Model-Variant"] = variant
+        request.state.log = {
+            "variant": variant,
+            "model_version": answer.model.version,
+            "labels": [p.label for p in predictions],
+            "confidences": [round(p.confidence, 4) for p in predictions],
+        }
+        return PredictResponse(
+            request_id=request_id, variant=variant, model=_ref(answer.model), predictions=predictions
+        )
+
+    @app.post(
+        "/v1/feedback",
+        response_model=FeedbackResponse,
+        status_code=201,
+        dependencies=[Depends(require_api_key)],
+        responses={
+            **_errors(400, 401, 404, 409, 413, 422),
+            200: {"model": FeedbackResponse, "description": "the same feedback again: nothing new stored"},
+        },
+        summary="Report the true label of a predicted image",
+    )
+    async def feedback(body: FeedbackRequest, response: Response) -> FeedbackResponse:
+        """Stores the image (as the model saw it) under its true label, in the image-folder layout training reads
+        (FEEDBACK_DIR/<label>/<request id>~<index>.png, plus manifest.jsonl), durably, before answering."""
+        record, created = await service.submit_feedback(body.request_id, body.label, body.image_index)
+        if not created:
+            response.status_code = 200
+        return FeedbackResponse.model_validate(
+            {**{k: getattr(record, k) for k in FeedbackResponse.model_fields if k != "created"}, "created": created}
+        )
+
+    @app.get(
+        "/v1/drift",
+        response_model=DriftResponse,
+        dependencies=[Depends(require_api_key)],
+        responses=_errors(401),
+        summary="Recent traffic of each variant tested against its model's reference statistics",
+    )
+    async def drift() -> DriftResponse:
+        reports = await asyncio.to_thread(lambda: {name: v.drift_report() for name, v in service.variants.items()})
+        return DriftResponse.model_validate({"variants": reports})
 
     @app.get(
         "/v1/model",
         response_model=ModelInfo,
         dependencies=[Depends(require_api_key)],
-        responses=_errors(401, 503),
-        summary="The model being served",
+        responses=_errors(401, 404, 503),
+        summary="The model a variant serves",
     )
-    async def model_info() -> ModelInfo:
-        return ModelInfo(**service.current().describe())
+    async def model_info(
+        variant: Annotated[str | None, Query(description="default: the first answering variant")] = None,
+    ) -> ModelInfo:
+        return _model_info(service, variant)
 
     @app.post(
         "/v1/admin/reload",
         response_model=ReloadResponse,
         dependencies=[Depends(require_admin_key)],
-        responses=_errors(400, 401, 403, 413, 422, 503),
+        responses=_errors(400, 401, 403, 404, 413, 422, 503),
         summary="Load, warm up and swap in a model without downtime (also: SIGHUP)",
     )
     async def reload(body: ReloadRequest | None = None) -> ReloadResponse:
-        old, new = await service.reload(body.model_uri if body else None)
-        return ReloadResponse(previous=_ref(old), model=ModelInfo(**new.describe()))
+        body = body or ReloadRequest()
+        old, _ = await service.reload(body.model_uri, body.variant)
+        return ReloadResponse(previous=_ref(old), model=_model_info(service, body.variant))
 
     @app.get("/healthz", response_model=Status, summary="The process is alive")
     async def healthz() -> Status:
@@ -151,7 +205,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = await asyncio.to_thread(generate_latest, service.metrics.registry)  # drift tests run at scrape time
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
 
 def _check_key(given: str | None, expected: str) -> None:
@@ -231,13 +286,12 @@ def _check_count(count: int, max_images: int) -> None:
         raise ApiError(422, "too_many_images", f"{count} images; at most {max_images} per request")
 
 
-def _predictions(
-    probabilities: np.ndarray, model: LoadedModel, names: list[str | None], top_k: int
-) -> list[Prediction]:
+def _predictions(answer: Answer, names: list[str | None], top_k: int) -> list[Prediction]:
+    model = answer.model
     top_k = min(top_k, len(model.classes))
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    order = np.argsort(-answer.probabilities, axis=1, kind="stable")[:, :top_k]
     predictions = []
-    for row, name, ranked in zip(probabilities, names, order, strict=True):
+    for row, name, ranked in zip(answer.probabilities, names, order, strict=True):
         top = [ClassProbability(label=model.classes[i], class_index=int(i), probability=float(row[i])) for i in ranked]
         predictions.append(
             Prediction(
@@ -251,16 +305,12 @@ def _predictions(
     return predictions
 
 
-def _record(service: Service, request: Request, model: LoadedModel, predictions: list[Prediction]) -> None:
-    variant = service.settings.variant
-    for prediction in predictions:
-        service.metrics.predictions.labels(variant=variant, label=prediction.label).inc()
-        service.metrics.confidence.labels(variant=variant).observe(prediction.confidence)
-    request.state.log = {
-        "model_version": model.version,
-        "labels": [p.label for p in predictions],
-        "confidences": [round(p.confidence, 4) for p in predictions],
-    }
+def _model_info(service: Service, variant_name: str | None) -> ModelInfo:
+    variant = service.variant(variant_name)
+    share = service.router.shares()[variant.name]
+    return ModelInfo(
+        **variant.current().describe(), variant=variant.name, shadow=variant.spec.shadow, traffic_share=share
+    )
 
 
 def _ref(model: LoadedModel) -> ModelRef:

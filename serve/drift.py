@@ -1,10 +1,13 @@
-"""Drift detection: recent traffic against the reference statistics shipped beside the model.
+"""Drift detection: recent traffic against the reference statistics shipped inside the model.
 
-Training writes `reference.json` next to `model.onnx` (`cifarlab.export.reference`) from the validation images,
-through the same `image_statistics` the server applies to live traffic, so the two sides cannot disagree on
-what a statistic means. The server keeps the last `window` observations in a ring buffer and, when asked,
-tests each statistic against the reference: two-sample Kolmogorov-Smirnov on confidence and the image
-statistics, chi-squared on the predicted-class mix. The window counts as drifted when any test rejects at
+Training embeds the reference in the exported ONNX file's metadata (key `drift_reference`,
+`cifarlab.export.reference`), computed from the validation images through the same `image_statistics` the server
+applies to live traffic, so the two sides cannot disagree on what a statistic means, and the reference travels
+with the model wherever it goes (registry, DVC, image).
+
+The server keeps the last `window` observations in a ring buffer and, when asked, tests each statistic against
+the reference: two-sample Kolmogorov-Smirnov on confidence and the image statistics, chi-squared on the
+predicted-class mix. The window counts as drifted when any test rejects at
 `alpha` divided by the number of tests (Bonferroni: the false-alarm rate of the whole family stays <= alpha).
 
 numpy and scipy only: the serving side imports no torch.
@@ -14,15 +17,17 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
-REFERENCE_FILE = "reference.json"
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+REFERENCE_METADATA_KEY = "drift_reference"  # the ONNX metadata entry that holds the reference
 REFERENCE_FORMAT_VERSION = 1
 # BT.601 luma weights: brightness and contrast as a person would judge them, not as an average of channels.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -70,14 +75,14 @@ def traffic_statistics(images: np.ndarray, probabilities: np.ndarray) -> tuple[n
 
 @dataclass(frozen=True)
 class Reference:
-    """Reference statistics of one model on its validation images (the contents of reference.json)."""
+    """Reference statistics of one model on its validation images (the JSON of its `drift_reference` metadata)."""
 
     classes: tuple[str, ...]
     images: int
     class_counts: np.ndarray  # predicted-class counts over all reference images
     quantiles: dict[str, np.ndarray]  # per statistic, the 0..100th percentiles over all reference images
     sample: np.ndarray  # [S, len(CONTINUOUS)]: a seeded random sample of the images' statistics (S bounded)
-    provenance: dict[str, str]  # run id, model sha256, data manifest sha256, ...
+    provenance: dict[str, str]  # run id, data manifest sha256, ...
 
     def to_json(self) -> str:
         def rounded(values: np.ndarray) -> list[float]:
@@ -125,17 +130,14 @@ class Reference:
         return reference
 
     @classmethod
-    def load(cls, path: str | Path, model_sha256: str | None = None) -> Reference:
-        """Read a reference file; with `model_sha256`, also check that it was computed for that model file."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise ReferenceError(f"cannot read reference statistics {path}: {error.strerror}") from error
-        reference = cls.from_json(text, where=str(path))
-        recorded = reference.provenance.get("model_sha256")
-        if model_sha256 is not None and recorded != model_sha256:
-            raise ReferenceError(f"{path} was computed for model sha256 {recorded}, not for {model_sha256}")
+    def from_metadata(cls, metadata: Mapping[str, str], classes: Sequence[str], where: str) -> Reference | None:
+        """The reference embedded in a model's metadata; None for a model exported without one."""
+        text = metadata.get(REFERENCE_METADATA_KEY)
+        if text is None:
+            return None
+        reference = cls.from_json(text, where=f"{where} ({REFERENCE_METADATA_KEY} metadata)")
+        if reference.classes != tuple(classes):
+            raise ReferenceError(f"{where}: the drift reference's classes {reference.classes} are not the model's")
         return reference
 
 
@@ -195,6 +197,22 @@ def compare(
     return any(result.drifted for result in results.values()), results
 
 
+def empty_report(window: int, alpha: float, status: str) -> dict[str, Any]:
+    """A drift report with no test run yet: `insufficient_data`, or `unavailable` for a model without reference."""
+    return {
+        "window": window,
+        "observed": 0,
+        "in_window": 0,
+        "alpha": alpha,
+        "threshold": alpha / len(TESTS),
+        "correction": "bonferroni",
+        "drift_detected": False,
+        "status": status,
+        "tests": {},
+        "reference": {},
+    }
+
+
 class DriftMonitor:
     """A sliding window over the last `window` predictions, tested against the reference on demand.
 
@@ -238,16 +256,9 @@ class DriftMonitor:
                 return self._cached[1]
             count = min(observed, self.window)
             values, predicted = self._values[:count].copy(), self._predicted[:count].copy()
-        report = {
-            "window": self.window,
+        report = empty_report(self.window, self.alpha, "insufficient_data") | {
             "observed": observed,
             "in_window": count,
-            "alpha": self.alpha,
-            "threshold": self.alpha / len(TESTS),
-            "correction": "bonferroni",
-            "drift_detected": False,
-            "status": "insufficient_data",
-            "tests": {},
             "reference": {"images": self.reference.images, **self.reference.provenance},
         }
         if count == self.window:
@@ -265,13 +276,14 @@ class DriftMonitor:
 class DriftCollector:
     """Prometheus collector: `cifarlab_drift_score{variant,test}` and `cifarlab_drift_detected{variant}`.
 
-    Register it once (`registry.register(DriftCollector(monitors))`); values are computed at scrape time.
+    Register it once (`registry.register(DriftCollector(monitors))`, `monitors` returning the current monitor
+    per variant); values are computed at scrape time.
     """
 
-    def __init__(self, monitors: Mapping[str, DriftMonitor]) -> None:
+    def __init__(self, monitors: Callable[[], Mapping[str, DriftMonitor]]) -> None:
         self.monitors = monitors
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         # Imported here: training imports this module for the reference and does not install prometheus_client.
         from prometheus_client.core import GaugeMetricFamily
 
@@ -283,7 +295,7 @@ class DriftCollector:
         detected = GaugeMetricFamily(
             "cifarlab_drift_detected", "1 when the current window differs from the reference", labels=["variant"]
         )
-        for variant, monitor in self.monitors.items():
+        for variant, monitor in self.monitors().items():
             report = monitor.report()
             detected.add_metric([variant], float(report["drift_detected"]))
             for test, result in report["tests"].items():

@@ -1,8 +1,9 @@
 """The feedback loop: recent predictions kept in memory, true labels stored durably as a training-ready dataset.
 
 `RecentPredictions` holds the model inputs of the last requests (bounded in count and in bytes, oldest evicted
-first). When a client later names the true label of a request (`POST /v1/feedback`), `FeedbackStore` writes the
-image as `<root>/<class>/<request id>.png` (the layout `cifarlab.data.prepare` reads for `train/`) and appends a
+first), with the predictions shadow variants made of the same images. When a client later names the true label
+of an image (`POST /v1/feedback`: request id, and the image's position in the request), `FeedbackStore` writes it
+as `<root>/<class>/<request id>~<index>.png` (the layout `cifarlab.data.prepare` reads for `train/`) and appends a
 line to `<root>/manifest.jsonl`. Both writes are fsynced before the call returns, so acknowledged feedback survives
 a crash; the image is renamed into place before its manifest line exists, so no manifest line names a partial
 image. The store is for one server process (a lock guards it; several processes need one store each).
@@ -17,8 +18,8 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +30,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 MANIFEST_FILE = "manifest.jsonl"
 # Request ids become file names: no separators, no leading dot (hidden files are skipped by data preparation).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+INDEX_SEPARATOR = "~"  # not allowed in request ids: `<request id>~<index>` names one image unambiguously
+
+
+def feedback_key(request_id: str, image_index: int = 0) -> str:
+    """The id of one image of a request: cache key, record key and file name stem."""
+    return f"{request_id}{INDEX_SEPARATOR}{image_index}"
 
 
 class FeedbackError(Exception):
@@ -57,6 +64,12 @@ class Prediction:
     confidence: float
     variant: str
     version: str
+    image_index: int = 0  # position in its request
+    shadows: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # variant -> (predicted, version)
+
+    @property
+    def key(self) -> str:
+        return feedback_key(self.request_id, self.image_index)
 
 
 class RecentPredictions:
@@ -72,20 +85,31 @@ class RecentPredictions:
 
     def add(self, prediction: Prediction) -> None:
         with self._lock:
-            previous = self._items.pop(prediction.request_id, None)
+            previous = self._items.pop(prediction.key, None)
             if previous is not None:
                 self._bytes -= previous.image.nbytes
-            self._items[prediction.request_id] = prediction
+            self._items[prediction.key] = prediction
             self._bytes += prediction.image.nbytes
             while len(self._items) > self.max_items or (self._bytes > self.max_bytes and len(self._items) > 1):
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.image.nbytes
 
-    def get(self, request_id: str) -> Prediction:
+    def add_shadow(self, key: str, variant: str, predicted: str, version: str) -> None:
+        """Attach a shadow variant's prediction of a cached image (a no-op once the image is evicted)."""
         with self._lock:
-            prediction = self._items.get(request_id)
+            prediction = self._items.get(key)
+            if prediction is not None:
+                shadows = {**prediction.shadows, variant: (predicted, version)}
+                self._items[key] = replace(prediction, shadows=shadows)
+
+    def get(self, key: str) -> Prediction:
+        with self._lock:
+            prediction = self._items.get(key)
         if prediction is None:
-            raise UnknownRequest(f"no recent prediction with request id {request_id!r} (unknown or expired)")
+            request_id, _, index = key.rpartition(INDEX_SEPARATOR)
+            raise UnknownRequest(
+                f"no recent prediction for image {index} of request {request_id!r} (unknown or expired)"
+            )
         return prediction
 
     def __len__(self) -> int:
@@ -98,7 +122,7 @@ class RecentPredictions:
 
 @dataclass(frozen=True)
 class FeedbackRecord:
-    """One manifest line: the true label of a request and what the model had answered."""
+    """One manifest line: the true label of an image, what the answering model said, and what shadows said."""
 
     request_id: str
     label: str
@@ -109,6 +133,18 @@ class FeedbackRecord:
     version: str
     path: str  # relative to the store's root
     received_at: str
+    image_index: int = 0
+    shadows: dict[str, dict[str, str | bool]] = field(default_factory=dict)  # variant -> predicted, version, correct
+
+    @property
+    def key(self) -> str:
+        return feedback_key(self.request_id, self.image_index)
+
+    def outcomes(self) -> Iterator[tuple[str, str, str]]:
+        """(variant, version, predicted) of the answering variant, then of each shadow."""
+        yield self.variant, self.version, self.predicted
+        for variant, shadow in sorted(self.shadows.items()):
+            yield variant, str(shadow["version"]), str(shadow["predicted"])
 
 
 @dataclass(frozen=True)
@@ -145,8 +181,11 @@ class FeedbackStore:
         self.manifest = self.root / MANIFEST_FILE
         self._load()
 
-    def submit(self, request_id: str, label: str, recent: RecentPredictions) -> tuple[FeedbackRecord, bool]:
-        """Store the true `label` of a recent request; returns the record and whether it is new.
+    def submit(
+        self, request_id: str, label: str, recent: RecentPredictions, image_index: int = 0
+    ) -> tuple[FeedbackRecord, bool]:
+        """Store the true `label` of image `image_index` of a recent request; returns the record and whether it
+        is new.
 
         Repeating the same feedback returns the stored record (created False), even after the cache evicted it.
         """
@@ -154,16 +193,20 @@ class FeedbackStore:
             raise InvalidFeedback(f"label {label!r} is not one of the model's classes: {', '.join(self.classes)}")
         if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
             raise InvalidFeedback(f"request id {request_id!r} is not a valid id (letters, digits, '_.-', <= 128)")
+        if not isinstance(image_index, int) or image_index < 0:
+            raise InvalidFeedback(f"image index {image_index!r} is not a position in a request")
+        key = feedback_key(request_id, image_index)
         with self._lock:
-            existing = self._records.get(request_id)
+            existing = self._records.get(key)
             if existing is not None:
                 if existing.label != label:
                     raise ConflictingFeedback(
-                        f"request {request_id!r} already has feedback {existing.label!r}; it cannot become {label!r}"
+                        f"image {image_index} of request {request_id!r} already has feedback {existing.label!r}; "
+                        f"it cannot become {label!r}"
                     )
                 return existing, False
-            prediction = recent.get(request_id)
-            relative = f"{label}/{request_id}.png"
+            prediction = recent.get(key)
+            relative = f"{label}/{key}.png"
             self._write_image(self.root / relative, prediction.image)
             record = FeedbackRecord(
                 request_id=request_id,
@@ -175,16 +218,21 @@ class FeedbackStore:
                 version=prediction.version,
                 path=relative,
                 received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                image_index=image_index,
+                shadows={
+                    variant: {"predicted": predicted, "version": version, "correct": predicted == label}
+                    for variant, (predicted, version) in prediction.shadows.items()
+                },
             )
             self._append(record)
             self._add(record)
         return record, True
 
-    def get(self, request_id: str) -> FeedbackRecord:
+    def get(self, request_id: str, image_index: int = 0) -> FeedbackRecord:
         with self._lock:
-            record = self._records.get(request_id)
+            record = self._records.get(feedback_key(request_id, image_index))
         if record is None:
-            raise UnknownRequest(f"no feedback for request id {request_id!r}")
+            raise UnknownRequest(f"no feedback for image {image_index} of request {request_id!r}")
         return record
 
     def __len__(self) -> int:
@@ -211,12 +259,13 @@ class FeedbackStore:
         return metrics
 
     def feedback_counts(self) -> dict[tuple[str, bool], int]:
-        """Feedback received per (variant, correct)."""
+        """Feedback received per (variant, correct), shadow variants included."""
         counts: dict[tuple[str, bool], int] = {}
         with self._lock:
             for record in self._records.values():
-                key = (record.variant, record.correct)
-                counts[key] = counts.get(key, 0) + 1
+                for variant, _, predicted in record.outcomes():
+                    key = (variant, predicted == record.label)
+                    counts[key] = counts.get(key, 0) + 1
         return counts
 
     def _write_image(self, path: Path, image: np.ndarray) -> None:
@@ -243,26 +292,34 @@ class FeedbackStore:
         """Read the manifest; a torn last line (a crash mid-append, never acknowledged) is cut off."""
         if not self.manifest.exists():
             return
-        data = self.manifest.read_bytes()
-        good_end = 0
-        for line in _lines(data):
-            try:
-                record = FeedbackRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-                break
+        records, good_end = read_manifest(self.manifest)
+        for record in records:
             self._add(record)
-            good_end += len(line)
-        if good_end < len(data):
+        if good_end < self.manifest.stat().st_size:
             with open(self.manifest, "r+b") as handle:
                 handle.truncate(good_end)
                 os.fsync(handle.fileno())
 
     def _add(self, record: FeedbackRecord) -> None:
-        self._records[record.request_id] = record
-        key = (record.variant, record.version)
-        matrix = self._confusion.setdefault(key, np.zeros((len(self.classes), len(self.classes)), dtype=np.int64))
-        if record.predicted in self._index and record.label in self._index:
-            matrix[self._index[record.label], self._index[record.predicted]] += 1
+        self._records[record.key] = record
+        size = len(self.classes)
+        for variant, version, predicted in record.outcomes():
+            matrix = self._confusion.setdefault((variant, version), np.zeros((size, size), dtype=np.int64))
+            if predicted in self._index and record.label in self._index:
+                matrix[self._index[record.label], self._index[predicted]] += 1
+
+
+def read_manifest(path: Path) -> tuple[list[FeedbackRecord], int]:
+    """The records of a feedback manifest up to the first torn or malformed line, and that line's byte offset."""
+    data = path.read_bytes()
+    records, good_end = [], 0
+    for line in _lines(data):
+        try:
+            records.append(FeedbackRecord(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+            break
+        good_end += len(line)
+    return records, good_end
 
 
 def _lines(data: bytes) -> Iterator[bytes]:

@@ -1,5 +1,8 @@
-"""Prometheus metrics under the names agreed in CONTRACT-serve.md, in one registry per app."""
+"""Prometheus metrics, in one registry per app, under the names that monitoring/ (dashboards, alert rules) queries."""
 
+from collections.abc import Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -16,12 +19,12 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
-            "cifarlab_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=r
+            "cifarlab_http_requests_total", "HTTP requests", ["route", "method", "status", "variant"], registry=r
         )
         self.request_duration = Histogram(
             "cifarlab_http_request_duration_seconds",
             "HTTP request latency",
-            ["route", "method"],
+            ["route", "method", "variant"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -52,8 +55,23 @@ class Metrics:
             "cifarlab_model_reloads_total", "model reloads by result", ["variant", "result"], registry=r
         )
 
+        self._model_labels: dict[str, tuple[str, str, str, str]] = {}
+
     def set_model(self, variant: str, version: str, run_id: str, sha256: str) -> None:
         """Point the model-info gauge at the model now serving (one series per variant)."""
-        self.model_info.clear()
+        previous = self._model_labels.get(variant)
+        if previous is not None:
+            self.model_info.remove(*previous)
+        self._model_labels[variant] = (variant, version, run_id, sha256)
         self.model_info.labels(variant=variant, version=version, run_id=run_id, sha256=sha256).set(1)
         self.model_ready.labels(variant=variant).set(1)
+
+    def record_predictions(self, variant: str, classes: Sequence[str], probabilities: np.ndarray) -> None:
+        """Count the predicted labels and observe the confidences of one batch."""
+        predicted = probabilities.argmax(axis=1)
+        for index, count in enumerate(np.bincount(predicted, minlength=len(classes))):
+            if count:
+                self.predictions.labels(variant=variant, label=classes[index]).inc(int(count))
+        confidence = self.confidence.labels(variant=variant)
+        for value in probabilities[np.arange(len(predicted)), predicted]:
+            confidence.observe(float(value))

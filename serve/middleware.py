@@ -1,7 +1,6 @@
 """Pure ASGI middleware: request ids, metrics and one JSON log line per request; the body size limit."""
 
 import json
-import re
 import time
 import uuid
 from typing import Any
@@ -10,10 +9,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import ApiError, error_body
+from serve.feedback import REQUEST_ID_PATTERN
 from serve.service import Service
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_of(scope: Scope) -> str:
@@ -33,7 +32,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500  # what the client sees if the app raises before answering
@@ -55,8 +54,9 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
             method = scope["method"]
-            metrics.requests.labels(route=route, method=method, status=str(status)).inc()
-            metrics.request_duration.labels(route=route, method=method).observe(elapsed)
+            variant = state.get("variant", "")  # set by the handlers that ask a model
+            metrics.requests.labels(route=route, method=method, status=str(status), variant=variant).inc()
+            metrics.request_duration.labels(route=route, method=method, variant=variant).observe(elapsed)
             fields: dict[str, Any] = {
                 "request_id": request_id,
                 "method": method,

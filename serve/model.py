@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serve.drift import Reference, ReferenceError
 from serve.settings import Settings
 
 INPUT_NAME = "images"
@@ -41,6 +42,7 @@ class LoadedModel:
     sha256: str
     classes: tuple[str, ...]
     metadata: dict[str, str]
+    reference: Reference | None  # drift reference statistics, when the export embedded them
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -64,13 +66,13 @@ class LoadedModel:
             "output_spec": json.loads(self.metadata.get("output_spec", "{}")),
             "contract_version": self.metadata.get("contract_version", ""),
             "data_manifest_sha256": self.metadata.get("data_manifest_sha256", ""),
+            "drift_reference": self.reference is not None,
             "loaded_at": self.loaded_at,
         }
 
 
-def load_model(settings: Settings, uri: str | None = None) -> LoadedModel:
-    """Resolve `uri` (default: settings.model_uri), open it in ONNX Runtime, check the contract and warm it up."""
-    uri = uri or settings.model_uri
+def load_model(uri: str, settings: Settings) -> LoadedModel:
+    """Resolve `uri`, open it in ONNX Runtime, check the contract and warm it up."""
     source = resolve(uri, settings)
     try:
         data = source.path.read_bytes()
@@ -81,6 +83,10 @@ def load_model(settings: Settings, uri: str | None = None) -> LoadedModel:
         raise ModelLoadError(f"cannot load {uri} ({source.path}) in ONNX Runtime: {error}") from error
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     classes = _check_contract(session, metadata, uri)
+    try:
+        reference = Reference.from_metadata(metadata, classes, where=uri)
+    except ReferenceError as error:
+        raise ModelLoadError(str(error)) from error
     sha256 = hashlib.sha256(data).hexdigest()
     model = LoadedModel(
         session=session,
@@ -91,6 +97,7 @@ def load_model(settings: Settings, uri: str | None = None) -> LoadedModel:
         sha256=sha256,
         classes=classes,
         metadata=metadata,
+        reference=reference,
     )
     warm_up(model, settings.max_batch_size)
     return model

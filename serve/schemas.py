@@ -1,6 +1,6 @@
 """Request and response bodies of the API, as they appear in its OpenAPI schema."""
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -33,12 +33,16 @@ class ModelRef(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    request_id: str
+    request_id: str = Field(description="send it back with POST /v1/feedback to report the true labels")
+    variant: str = Field(description="the model variant that answered (A/B tests; also the X-Model-Variant header)")
     model: ModelRef
     predictions: list[Prediction]
 
 
 class ModelInfo(ModelRef):
+    variant: str
+    shadow: bool = Field(description="the variant scores copies of requests and answers none")
+    traffic_share: float = Field(description="expected share of answered requests")
     uri: str
     sha256: str
     classes: list[str]
@@ -46,6 +50,7 @@ class ModelInfo(ModelRef):
     output_spec: dict[str, Any]
     contract_version: str
     data_manifest_sha256: str
+    drift_reference: bool = Field(description="the model carries reference statistics: drift is monitored")
     loaded_at: float = Field(description="Unix time of the load")
 
 
@@ -54,9 +59,61 @@ class Status(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    model_uri: str | None = Field(None, description="what to load; default: re-resolve the configured MODEL_URI")
+    model_uri: Annotated[str | None, Field(description="what to load; default: the variant's configured URI")] = None
+    variant: Annotated[str | None, Field(description="the variant to reload; needed when there are several")] = None
 
 
 class ReloadResponse(BaseModel):
     previous: ModelRef
     model: ModelInfo
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(description="the request_id of the prediction response")
+    label: str = Field(description="the true class of the image")
+    image_index: int = Field(0, ge=0, description="the image's position in that request")
+
+
+class ShadowOutcome(BaseModel):
+    predicted: str
+    version: str
+    correct: bool
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    image_index: int
+    label: str
+    predicted: str = Field(description="what the answering variant said")
+    correct: bool
+    variant: str
+    version: str
+    shadows: dict[str, ShadowOutcome] = Field(description="what shadow variants said of the same image")
+    created: bool = Field(description="false when the same feedback had been stored before (idempotent)")
+
+
+class DriftTestResult(BaseModel):
+    test: Literal["ks", "chi2"]
+    statistic: float
+    p_value: float
+    score: float = Field(description="effect size in [0, 1]: KS distance, or total-variation distance of class mixes")
+    drifted: bool
+
+
+class VariantDrift(BaseModel):
+    status: Literal["ok", "drift", "insufficient_data", "unavailable"] = Field(
+        description="`unavailable`: the model carries no reference statistics"
+    )
+    drift_detected: bool
+    window: int
+    observed: int = Field(description="images seen since the model was loaded")
+    in_window: int
+    alpha: float
+    threshold: float = Field(description="the per-test p-value threshold (alpha over the number of tests)")
+    correction: str
+    tests: dict[str, DriftTestResult]
+    reference: dict[str, Any]
+
+
+class DriftResponse(BaseModel):
+    variants: dict[str, VariantDrift]

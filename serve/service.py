@@ -1,111 +1,249 @@
-"""The serving state: the current model, its micro-batcher, reloads, and start/stop."""
+"""The serving state: model variants (each with its model, micro-batcher and drift window), A/B routing, shadow
+copies, the feedback store, reloads, and start/stop."""
 
 import asyncio
 import contextlib
 import signal
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from serve.batching import MicroBatcher
+from serve.batching import BatchFailed, MicroBatcher
+from serve.drift import DriftCollector, DriftMonitor, empty_report
 from serve.errors import ApiError
+from serve.feedback import (
+    ConflictingFeedback,
+    FeedbackCollector,
+    FeedbackError,
+    FeedbackRecord,
+    FeedbackStore,
+    Prediction,
+    RecentPredictions,
+    UnknownRequest,
+    feedback_key,
+)
 from serve.logging import get_logger
 from serve.metrics import Metrics
 from serve.model import LoadedModel, ModelLoadError, load_model
 from serve.settings import Settings
+from serve.variants import VariantRouter, VariantSpec
+
+
+@dataclass(frozen=True)
+class Answer:
+    probabilities: np.ndarray  # [N, classes]
+    model: LoadedModel
+    variant: str
+
+
+class Variant:
+    """One configured variant. A reload builds and warms a new LoadedModel, then swaps one reference: each batch
+    reads the reference once, so requests already in a batch finish on the model they started with."""
+
+    def __init__(self, name: str, spec: VariantSpec, settings: Settings, metrics: Metrics) -> None:
+        self.name, self.spec, self.settings, self.metrics = name, spec, settings, metrics
+        self.model: LoadedModel | None = None
+        self.drift: DriftMonitor | None = None
+        self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
+            self._infer, settings.max_batch_size, settings.max_wait_ms
+        )
+
+    def current(self) -> LoadedModel:
+        if self.model is None:
+            raise ApiError(503, "not_ready", f"variant {self.name!r} has no model loaded yet")
+        return self.model
+
+    def install(self, model: LoadedModel) -> None:
+        reference = model.reference
+        self.drift = (
+            None
+            if reference is None
+            else DriftMonitor(reference, self.settings.drift_window, self.settings.drift_alpha)
+        )
+        self.model = model
+        self.metrics.set_model(self.name, model.version, model.run_id, model.sha256)
+
+    def drift_report(self) -> dict[str, Any]:
+        if self.drift is None:
+            return empty_report(self.settings.drift_window, self.settings.drift_alpha, "unavailable")
+        return self.drift.report()
+
+    def _infer(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+        """Runs on the batcher's worker thread: the model call, softmax, metrics and the drift window."""
+        model, drift = self.current(), self.drift  # read once: the whole batch runs on one model
+        started = time.perf_counter()
+        logits = model.logits(images)
+        self.metrics.inference_duration.labels(variant=self.name).observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(variant=self.name).observe(len(images))
+        probabilities = softmax(logits)
+        self.metrics.record_predictions(self.name, model.classes, probabilities)
+        if drift is not None:
+            drift.observe(images, probabilities)
+        return probabilities, model
 
 
 class Service:
-    """Owns the model. A reload builds and warms a new LoadedModel, then swaps one reference: each batch reads
-    the reference once, so requests already in a batch finish on the model they started with."""
+    """Owns the variants and everything shared between requests."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.log = get_logger()
-        self.model: LoadedModel | None = None
-        self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
-            self._infer, settings.max_batch_size, settings.max_wait_ms
-        )
+        specs = settings.variant_specs()
+        self.variants = {name: Variant(name, spec, settings, self.metrics) for name, spec in specs.items()}
+        self.router = VariantRouter(specs)
+        self.default_variant = next(name for name, spec in specs.items() if not spec.shadow)
+        self.classes: tuple[str, ...] = ()
+        self.recent: RecentPredictions | None = None
+        self.feedback: FeedbackStore | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics.registry.register(DriftCollector(self.drift_monitors))
 
     @property
     def ready(self) -> bool:
-        return self.model is not None and not self.batcher.closed
+        return all(v.model is not None and not v.batcher.closed for v in self.variants.values())
 
     async def start(self) -> None:
         try:
-            model = await asyncio.to_thread(load_model, self.settings)
+            for variant in self.variants.values():
+                model = await asyncio.to_thread(load_model, variant.spec.model_uri, self.settings)
+                self._check_classes(model)
+                variant.install(model)
         except ModelLoadError as error:
             self.log.error("model failed to load; not starting", extra={"event": "startup", "reason": str(error)})
             raise
-        self._install(model)
-        self.batcher.start()
+        if self.settings.feedback_dir is not None:
+            self.feedback = await asyncio.to_thread(FeedbackStore, self.settings.feedback_dir, self.classes)
+            self.recent = RecentPredictions(self.settings.feedback_cache_items, self.settings.feedback_cache_bytes)
+            self.metrics.registry.register(FeedbackCollector(self.feedback))
+        for variant in self.variants.values():
+            variant.batcher.start()
+            self.log.info("ready", extra={"event": "startup", "variant": variant.name, **_fields(variant.current())})
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no SIGHUP on Windows / outside main thread
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-        self.log.info("ready", extra={"event": "startup", **self._model_fields(model)})
 
     async def stop(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        self.metrics.model_ready.labels(variant=self.settings.variant).set(0)
-        await self.batcher.stop()
-        self.log.info("stopped: queue drained", extra={"event": "shutdown"})
+        for variant in self.variants.values():
+            self.metrics.model_ready.labels(variant=variant.name).set(0)
+        # answering variants first: their last requests may still send shadow copies
+        for variant in sorted(self.variants.values(), key=lambda v: v.spec.shadow):
+            await variant.batcher.stop()
+        self.log.info("stopped: queues drained", extra={"event": "shutdown"})
 
-    async def predict(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
-        """Class probabilities [N, classes] for uint8 images [N, 32, 32, 3], and the model that computed them."""
-        logits, model = await self.batcher.submit(images)
-        return softmax(logits), model
+    def drift_monitors(self) -> dict[str, DriftMonitor]:
+        """The current drift monitor of each variant whose model has a reference (a reload replaces it)."""
+        return {name: v.drift for name, v in self.variants.items() if v.drift is not None}
 
-    async def reload(self, uri: str | None = None) -> tuple[LoadedModel, LoadedModel]:
-        """Load, warm and swap in a model (default: re-resolve MODEL_URI); (old, new). The old one keeps serving
-        if the new one fails (ApiError 422 with the reason)."""
+    def assign(self, client_id: str | None) -> str:
+        """The variant that answers this client (sticky by client id)."""
+        return self.router.assign(client_id).answer
+
+    async def predict(self, images: np.ndarray, variant_name: str, request_id: str) -> Answer:
+        """Class probabilities for uint8 images [N, 32, 32, 3] from the named variant; shadow variants get a copy
+        off the response path. With feedback on, the images are kept for a later true label."""
+        variant = self.variants[variant_name]
+        probabilities, model = await variant.batcher.submit(images)
+        if self.recent is not None:
+            self._remember(request_id, images, probabilities, model, variant_name)
+        for shadow in self.router.shadows:
+            self._in_background(self._shadow(shadow, images, request_id))
+        return Answer(probabilities, model, variant_name)
+
+    async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:
+        if self.feedback is None or self.recent is None:
+            raise ApiError(404, "feedback_disabled", "feedback is off on this server: start it with FEEDBACK_DIR set")
+        try:
+            return await asyncio.to_thread(self.feedback.submit, request_id, label, self.recent, image_index)
+        except UnknownRequest as error:
+            raise ApiError(404, "unknown_request", str(error)) from error
+        except ConflictingFeedback as error:
+            raise ApiError(409, "conflicting_feedback", str(error)) from error
+        except FeedbackError as error:
+            raise ApiError(422, "invalid_feedback", str(error)) from error
+
+    def variant(self, name: str | None) -> Variant:
+        """A variant by name (default: the first answering one); 404 for a name not configured."""
+        name = name or self.default_variant
+        if name not in self.variants:
+            raise ApiError(404, "unknown_variant", f"no variant {name!r}; configured: {', '.join(self.variants)}")
+        return self.variants[name]
+
+    async def reload(self, uri: str | None = None, variant_name: str | None = None) -> tuple[LoadedModel, LoadedModel]:
+        """Load, warm and swap in a model for a variant (default: re-resolve its configured URI); (old, new). The
+        old one keeps serving if the new one fails (ApiError 422 with the reason)."""
+        if variant_name is None and len(self.variants) > 1:
+            raise ApiError(422, "variant_required", f"name the variant to reload: one of {', '.join(self.variants)}")
+        variant = self.variant(variant_name)
         async with self._reload_lock:
-            old = self.current()
-            variant = self.settings.variant
+            old = variant.current()
             try:
-                new = await asyncio.to_thread(load_model, self.settings, uri)
+                new = await asyncio.to_thread(load_model, uri or variant.spec.model_uri, self.settings)
+                self._check_classes(new)
             except ModelLoadError as error:
-                self.metrics.reloads.labels(variant=variant, result="failure").inc()
-                self.log.error("reload failed; the previous model keeps serving", extra={"reason": str(error)})
+                self.metrics.reloads.labels(variant=variant.name, result="failure").inc()
+                self.log.error(
+                    "reload failed; the previous model keeps serving",
+                    extra={"variant": variant.name, "reason": str(error)},
+                )
                 raise ApiError(422, "model_load_failed", f"{error}; the previous model keeps serving") from error
-            self._install(new)
-            self.metrics.reloads.labels(variant=variant, result="success").inc()
-            self.log.info("reloaded", extra={"event": "reload", "previous": old.version, **self._model_fields(new)})
+            variant.install(new)
+            self.metrics.reloads.labels(variant=variant.name, result="success").inc()
+            self.log.info(
+                "reloaded",
+                extra={"event": "reload", "variant": variant.name, "previous": old.version, **_fields(new)},
+            )
             return old, new
 
-    def current(self) -> LoadedModel:
-        if self.model is None:
-            raise ApiError(503, "not_ready", "no model is loaded yet")
-        return self.model
+    def _check_classes(self, model: LoadedModel) -> None:
+        """Every variant must predict the same classes: feedback, metrics and A/B reports compare them."""
+        if not self.classes:
+            self.classes = model.classes
+        elif model.classes != self.classes:
+            raise ModelLoadError(f"{model.uri} predicts {list(model.classes)}, the other variants {list(self.classes)}")
 
-    def _install(self, model: LoadedModel) -> None:
-        self.model = model
-        self.metrics.set_model(self.settings.variant, model.version, model.run_id, model.sha256)
+    def _remember(
+        self, request_id: str, images: np.ndarray, probabilities: np.ndarray, model: LoadedModel, variant: str
+    ) -> None:
+        assert self.recent is not None
+        for index, (image, row) in enumerate(zip(images, probabilities, strict=True)):
+            best = int(row.argmax())
+            self.recent.add(
+                Prediction(request_id, image, model.classes[best], float(row[best]), variant, model.version, index)
+            )
 
-    def _infer(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
-        """Runs on the batcher's worker thread."""
-        model = self.current()  # read once: the whole batch runs on one model
-        started = time.perf_counter()
-        logits = model.logits(images)
-        variant = self.settings.variant
-        self.metrics.inference_duration.labels(variant=variant).observe(time.perf_counter() - started)
-        self.metrics.batch_size.labels(variant=variant).observe(len(images))
-        return logits, model
+    async def _shadow(self, name: str, images: np.ndarray, request_id: str) -> None:
+        try:
+            probabilities, model = await self.variants[name].batcher.submit(images)
+        except (BatchFailed, ApiError) as error:  # a shadow's failure never reaches the client; it is logged
+            self.log.warning(
+                "shadow prediction failed", extra={"variant": name, "request_id": request_id, "reason": str(error)}
+            )
+            return
+        if self.recent is not None:
+            for index, best in enumerate(probabilities.argmax(axis=1)):
+                self.recent.add_shadow(feedback_key(request_id, index), name, model.classes[best], model.version)
 
-    def _reload_on_signal(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+    def _in_background(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _reload_quietly(self) -> None:
-        with contextlib.suppress(ApiError):  # already logged and counted; the old model keeps serving
-            await self.reload()
+    def _reload_on_signal(self) -> None:
+        for name in self.variants:
+            self._in_background(self._reload_quietly(name))
 
-    @staticmethod
-    def _model_fields(model: LoadedModel) -> dict[str, str]:
-        return {"model_uri": model.uri, "model_version": model.version, "run_id": model.run_id, "sha256": model.sha256}
+    async def _reload_quietly(self, name: str) -> None:
+        with contextlib.suppress(ApiError):  # already logged and counted; the old model keeps serving
+            await self.reload(variant_name=name)
+
+
+def _fields(model: LoadedModel) -> dict[str, str]:
+    return {"model_uri": model.uri, "model_version": model.version, "run_id": model.run_id, "sha256": model.sha256}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,17 +1,31 @@
 """The service's settings, read from environment variables (one per field, upper-case name)."""
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import re
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from serve.variants import VariantSpec
+
+VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a Prometheus label value and a JSON key, nothing odd
 
 
 class Settings(BaseSettings):
-    """Every knob of the service. `MODEL_URI=runs/<run id>/model.onnx uvicorn serve.app:create_app --factory`."""
+    """Every knob of the service. `MODEL_URI=runs/<run id>/model.onnx uvicorn serve.app:create_app --factory`.
+
+    One model (MODEL_URI) or several variants for A/B tests (VARIANTS, JSON), e.g.
+    `VARIANTS='{"champion": {"model_uri": "models:/cifar10-classifier@champion", "weight": 90},
+    "challenger": {"model_uri": "models:/cifar10-classifier@challenger", "weight": 10}}'`.
+    """
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, protected_namespaces=())
 
-    model_uri: str = Field(
+    model_uri: str | None = Field(
+        None,
         description="a local .onnx file, or an MLflow URI (models:/<name>@<alias>, models:/<name>/<version>, "
-        "runs:/<run id>/<path>) resolved through the MLflow client (needs `pip install mlflow-skinny`)"
+        "runs:/<run id>/<path>) resolved through the MLflow client (needs `pip install mlflow-skinny`)",
     )
     model_name: str = Field("cifarlab", description="the name reported for a local file (MLflow URIs carry theirs)")
     model_version: str | None = Field(
@@ -35,4 +49,46 @@ class Settings(BaseSettings):
         False,
         description="let ONNX Runtime's threads spin between calls (off: they would steal the event loop's cores)",
     )
-    variant: str = Field("default", description="the `variant` label on model metrics")
+    variant: str = Field("default", pattern=VARIANT_NAME, description="the variant name of MODEL_URI's model")
+    variants: dict[str, VariantSpec] = Field(
+        default_factory=dict,
+        description="variant name -> {model_uri, weight, shadow} (JSON), for A/B tests; replaces MODEL_URI",
+    )
+    client_id_header: str = Field(
+        "X-Client-ID", description="the header whose value pins a client to one variant (hashed; optional)"
+    )
+    drift_window: int = Field(200, ge=20, description="recent images per variant tested against the reference")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="false-alarm rate of one drift check (all tests)")
+    feedback_dir: Path | None = Field(
+        None, description="where POST /v1/feedback stores labelled images (image-folder layout); unset: no feedback"
+    )
+    feedback_cache_items: int = Field(10_000, gt=0, description="recent predictions kept for feedback")
+    feedback_cache_bytes: int = Field(64 * 2**20, gt=0, description="image bytes kept for feedback, at most")
+
+    @model_validator(mode="after")
+    def _a_model_source(self) -> Self:
+        if self.model_uri is None and not self.variants:
+            raise ValueError("set MODEL_URI (one model) or VARIANTS (several)")
+        bad = [name for name in self.variants if not re.fullmatch(VARIANT_NAME, name)]
+        if bad:
+            raise ValueError(f"variant names must be letters, digits and '_.-': {bad}")
+        return self
+
+    def variant_specs(self) -> dict[str, VariantSpec]:
+        """The configured variants: VARIANTS when set (MODEL_URI, e.g. the image's default, is then unused),
+        else MODEL_URI as one variant named VARIANT."""
+        if self.variants:
+            return self.variants
+        assert self.model_uri is not None  # the validator saw to it
+        return {self.variant: VariantSpec(model_uri=self.model_uri)}
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a bad value ends the process with one line saying which and why."""
+    try:
+        return Settings()  # type: ignore[call-arg]  # every field has a default or comes from the environment
+    except SettingsError as error:  # a complex value (VARIANTS) that is not JSON
+        raise SystemExit(f"error: invalid server settings: {error}: {error.__cause__}") from None
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        raise SystemExit(f"error: invalid server settings: {problems}") from None

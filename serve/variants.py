@@ -1,28 +1,32 @@
 """A/B routing: which model variant answers a request, and which variants see a shadow copy of it.
 
-Variants are weighted (`champion=90,challenger=10`); a client that sends a client id header always lands on the
-same variant (its id is hashed onto [0, 1) and the weights cut that interval), so one user never flips between
+Variants are weighted (`champion` 90, `challenger` 10); a client that sends a client id header always lands on
+the same variant (its id is hashed onto [0, 1) and the weights cut that interval), so one user never flips between
 models mid-session. A variant configured as `shadow` answers nobody: it receives a copy of every request so its
 predictions can be logged and compared, while another variant's answer is returned.
 
-Pure logic: no I/O, no model, no web framework.
+No I/O, no model, no web framework: the specs are what the VARIANTS setting holds (serve.settings).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
-SHADOW = "shadow"
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    weight: float  # share of answered traffic; 0 for a shadow variant
-    shadow: bool = False
+class VariantSpec(BaseModel):
+    """One entry of the VARIANTS setting."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_uri: str = Field(description="what this variant serves: a .onnx path or an MLflow models:/ URI")
+    weight: Annotated[float, Field(ge=0, description="share of answered traffic, relative to the other variants")] = 1.0
+    shadow: Annotated[bool, Field(description="score a copy of every request, answer none")] = False
 
 
 @dataclass(frozen=True)
@@ -31,42 +35,20 @@ class Assignment:
     shadows: tuple[str, ...]  # variants that also score the request, off the response path
 
 
-def parse_variants(spec: str) -> list[Variant]:
-    """Parse `champion=90,challenger=10` or `champion=100,challenger=shadow` (weights need not sum to 100)."""
-    variants = []
-    for part in filter(None, (piece.strip() for piece in spec.split(","))):
-        name, separator, value = (text.strip() for text in part.partition("="))
-        if not separator or not name or not value:
-            raise ValueError(f"variant {part!r}: expected name=weight or name=shadow")
-        if value == SHADOW:
-            variants.append(Variant(name, 0.0, shadow=True))
-            continue
-        try:
-            weight = float(value)
-        except ValueError:
-            raise ValueError(f"variant {name!r}: weight {value!r} is not a number (or 'shadow')") from None
-        variants.append(Variant(name, weight))
-    return variants
-
-
 class VariantRouter:
     """Assigns each request to one answering variant, sticky per client id, plus every shadow variant."""
 
-    def __init__(self, variants: Sequence[Variant], seed: int | None = None) -> None:
-        names = [variant.name for variant in variants]
-        if len(set(names)) != len(names):
-            raise ValueError(f"variant names must be unique: {names}")
-        answering = [variant for variant in variants if not variant.shadow]
-        if any(variant.weight < 0 for variant in answering) or sum(v.weight for v in answering) <= 0:
-            raise ValueError("variant weights must be >= 0, with at least one answering variant above 0")
-        self.variants = tuple(variants)
-        self.shadows = tuple(variant.name for variant in variants if variant.shadow)
-        total = sum(variant.weight for variant in answering)
-        self._names = [variant.name for variant in answering]
+    def __init__(self, variants: Mapping[str, VariantSpec], seed: int | None = None) -> None:
+        answering = {name: spec for name, spec in variants.items() if not spec.shadow}
+        if sum(spec.weight for spec in answering.values()) <= 0:
+            raise ValueError("at least one variant must answer (not shadow) with a weight above 0")
+        self.shadows = tuple(name for name, spec in variants.items() if spec.shadow)
+        total = sum(spec.weight for spec in answering.values())
+        self._names = list(answering)
         self._bounds: list[float] = []
         cumulative = 0.0
-        for variant in answering:
-            cumulative += variant.weight / total
+        for spec in answering.values():
+            cumulative += spec.weight / total
             self._bounds.append(cumulative)
         self._random = random.Random(seed)
 

@@ -41,11 +41,11 @@ def test_short_run_writes_checkpoint_onnx_and_mlflow_record(compose_train, track
         "checkpoints/best.ckpt",
         "checkpoints/last.ckpt",
         "model.onnx",
-        "reference.json",  # drift-detection statistics of the exported model (serve.drift)
         "test_metrics.json",
         "confusion_matrix.png",
     ):
         assert (run_dir / name).is_file(), name
+    assert "drift_reference" in read_metadata(run_dir / "model.onnx")  # statistics for the server's drift monitor
 
     params = run.data.params
     assert params["model.net.widths"] == "[16, 32, 32]"

@@ -57,7 +57,7 @@ def median_seconds(call: Callable[[], object], budget: float = 1.5, min_runs: in
 
 def raw_numbers(net: torch.nn.Module, onnx_path: Path) -> dict[str, float]:
     """Milliseconds per call and images per second, ONNX Runtime as the server configures it vs PyTorch eager."""
-    model = load_model(Settings(model_uri=str(onnx_path)))
+    model = load_model(str(onnx_path), Settings(model_uri=str(onnx_path)))
     result: dict[str, float] = {}
     for batch in (1, 64):
         images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)

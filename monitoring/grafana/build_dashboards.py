@@ -55,7 +55,8 @@ SERVICE: list[Panel] = [
         "percentunit",
         [
             (
-                f'sum(rate(cifarlab_http_requests_total{{status=~"5.."}}[{RATE}])) '
+                # `or vector(0)`: no 5xx series at all is a ratio of 0, not "no data"
+                f'(sum(rate(cifarlab_http_requests_total{{status=~"5.."}}[{RATE}])) or vector(0)) '
                 f"/ sum(rate(cifarlab_http_requests_total[{RATE}]))",
                 "5xx / all",
             )
@@ -113,6 +114,14 @@ MODEL: list[Panel] = [
         "Batch size p50 / p99",
         "short",
         quantiles("cifarlab_batch_size", (0.5, 0.99), VARIANT, by="variant"),
+        12,
+    ),
+    (
+        "Predict request latency p50 / p99 by variant",
+        "s",
+        quantiles(
+            "cifarlab_http_request_duration_seconds", (0.5, 0.99), f'route="/v1/predict", {VARIANT}', by="variant"
+        ),
         12,
     ),
     (

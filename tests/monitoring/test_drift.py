@@ -1,8 +1,7 @@
-"""serve.drift: the per-image statistics, the reference file, the window tests and the sliding-window monitor."""
+"""serve.drift: the per-image statistics, the reference format, the window tests and the sliding-window monitor."""
 
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from serve.drift import (
     CONTINUOUS,
+    REFERENCE_METADATA_KEY,
     TESTS,
     DriftCollector,
     DriftMonitor,
@@ -69,16 +69,15 @@ def test_image_statistics_reject_other_inputs() -> None:
         image_statistics(np.zeros((32, 32, 3), dtype=np.uint8))
 
 
-def test_reference_round_trips_through_json(reference: Reference, tmp_path: Path) -> None:
-    path = tmp_path / "reference.json"
-    path.write_text(reference.to_json())
-    loaded = Reference.load(path)
+def test_reference_round_trips_through_json(reference: Reference) -> None:
+    text = reference.to_json()
+    loaded = Reference.from_json(text)
     assert loaded.classes == CLASSES and loaded.images == 2000 and loaded.class_counts.sum() == 2000
     assert loaded.sample.shape == (1000, len(CONTINUOUS))
     np.testing.assert_allclose(loaded.sample, reference.sample, atol=1e-6)
     np.testing.assert_allclose(loaded.quantiles["confidence"], reference.quantiles["confidence"], atol=1e-6)
     assert list(loaded.quantiles["brightness"]) == sorted(loaded.quantiles["brightness"])
-    assert path.stat().st_size < 200_000  # bounded: the sample, not every image
+    assert len(text) < 200_000  # bounded: the sample, not every image
 
 
 @pytest.mark.parametrize(
@@ -90,13 +89,9 @@ def test_reference_round_trips_through_json(reference: Reference, tmp_path: Path
         ("[1, 2]", "format_version None"),
     ],
 )
-def test_a_bad_reference_file_is_a_clear_error(text: str, message: str, tmp_path: Path) -> None:
-    path = tmp_path / "reference.json"
-    path.write_text(text)
+def test_a_bad_reference_is_a_clear_error(text: str, message: str) -> None:
     with pytest.raises(ReferenceError, match=message):
-        Reference.load(path)
-    with pytest.raises(ReferenceError, match="cannot read reference statistics"):
-        Reference.load(tmp_path / "missing.json")
+        Reference.from_metadata({REFERENCE_METADATA_KEY: text}, CLASSES, where="model.onnx")
 
 
 def window(rng: np.random.Generator, count: int = 200, **image_options: float) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +208,8 @@ def test_collector_exports_scores_and_flag(reference: Reference) -> None:
     monitor = DriftMonitor(reference, window=100)
     monitor.observe(*window(rng, count=100, level=0.9))
     registry = CollectorRegistry()
-    registry.register(DriftCollector({"champion": monitor, "challenger": DriftMonitor(reference)}))
+    monitors = {"champion": monitor, "challenger": DriftMonitor(reference)}
+    registry.register(DriftCollector(lambda: monitors))
     text = generate_latest(registry).decode()
     assert 'cifarlab_drift_detected{variant="champion"} 1.0' in text
     assert 'cifarlab_drift_detected{variant="challenger"} 0.0' in text

@@ -44,6 +44,7 @@ def test_predict_multipart_answers_per_image_with_model_and_request_id(client, t
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["request_id"] == "req-42" == response.headers["x-request-id"]
+    assert body["variant"] == "default" == response.headers["x-model-variant"]
     metadata = read_metadata(onnx_model)
     assert body["model"]["run_id"] == metadata["run_id"] and len(body["model"]["version"]) == 12
     assert len(body["predictions"]) == 2
@@ -109,6 +110,14 @@ def test_model_endpoint_describes_the_onnx_file(client, onnx_model):
     assert body["input_spec"] == json.loads(metadata["input_spec"]) and body["uri"] == str(onnx_model)
 
 
+def test_feedback_and_drift_without_their_configuration(client):
+    feedback = client.post("/v1/feedback", json={"request_id": "req-42", "label": "cat"})
+    assert feedback.status_code == 404 and feedback.json()["error"]["code"] == "feedback_disabled"
+    assert "FEEDBACK_DIR" in feedback.json()["error"]["message"]
+    drift = client.get("/v1/drift").json()["variants"]["default"]  # the session's model carries its reference
+    assert drift["status"] in {"insufficient_data", "ok", "drift"} and drift["window"] == 200
+
+
 def test_health_and_readiness_need_no_key(server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready"}
@@ -120,9 +129,9 @@ def test_metrics_use_the_agreed_names_and_count_requests(client, server, onnx_mo
     text = httpx.get(f"{server.url}/metrics").text
     run_id = read_metadata(onnx_model)["run_id"]
     for expected in (
-        'cifarlab_http_requests_total{method="POST",route="/v1/predict",status="200"}',
-        'cifarlab_http_requests_total{method="POST",route="/v1/predict",status="422"}',
-        'cifarlab_http_request_duration_seconds_bucket{le="0.005",method="POST",route="/v1/predict"}',
+        'cifarlab_http_requests_total{method="POST",route="/v1/predict",status="200",variant="default"}',
+        'cifarlab_http_requests_total{method="POST",route="/v1/predict",status="422",variant="default"}',
+        'cifarlab_http_request_duration_seconds_bucket{le="0.005",method="POST",route="/v1/predict",variant="default"}',
         "cifarlab_http_requests_in_flight 1.0",  # this scrape itself
         'cifarlab_batch_size_bucket{le="4.0",variant="default"}',
         'cifarlab_inference_duration_seconds_count{variant="default"}',

@@ -20,7 +20,7 @@ def test_models_alias_uri_loads_the_registered_version(onnx_model, tmp_path, mon
     client = MlflowClient(tracking_uri)
     client.set_registered_model_alias("cifarlab", "champion", info.registered_model_version)
 
-    model = load_model(Settings(model_uri="models:/cifarlab@champion"))
+    model = load_model("models:/cifarlab@champion", Settings(model_uri="models:/cifarlab@champion"))
 
     assert (model.name, model.version) == ("cifarlab", str(info.registered_model_version))
     assert model.metadata == {p.key: p.value for p in onnx.load(str(onnx_model)).metadata_props}

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.export.onnx import contract_metadata, export_onnx, verify_onnx
-from cifarlab.export.reference import write_reference
+from cifarlab.export.reference import embed_reference
 from cifarlab.models.module import ImageClassifier
 
 
@@ -17,8 +17,8 @@ class OnnxExport(Callback):
 
     Each export is checked with ONNX Runtime against the PyTorch model on real validation images and a
     divergence fails the run (ExportError). Without any checkpoint (fast_dev_run) the final weights are exported.
-    Beside each export goes `reference.json`: the exported model's statistics on the validation images, which
-    the server's drift monitor compares live traffic with (`reference_sample` bounds its stored sample).
+    Each export carries, in its metadata, the exported model's statistics on the validation images, which the
+    server's drift monitor compares live traffic with (`reference_sample` bounds its stored sample).
     """
 
     def __init__(
@@ -82,5 +82,5 @@ class OnnxExport(Callback):
         images = datamodule.val_images  # sorted by class: a strided slice covers every class
         images = images[:: max(1, len(images) // self.verify_images)][: self.verify_images]
         self.difference = verify_onnx(self.path, module.net, images, self.tolerance)
-        write_reference(self.path, datamodule.val_images.cpu().numpy(), self.reference_sample)
+        embed_reference(self.path, datamodule.val_images.cpu().numpy(), self.reference_sample)
         rank_zero_info(f"Exported {self.path} from {source} (max softmax difference {self.difference:.2e})")

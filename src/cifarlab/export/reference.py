@@ -1,33 +1,26 @@
-"""Reference statistics for drift detection, written beside the exported model as `reference.json`.
+"""Reference statistics for drift detection, embedded in the exported model's metadata (`drift_reference`).
 
 The statistics come from the exported ONNX file itself, run by ONNX Runtime on the validation images: exactly
-the numbers the server will compute on live traffic (`serve.drift`, which also owns the file format and the
-per-image statistics, so training and serving share one definition).
+the numbers the server will compute on live traffic (`serve.drift`, which also owns the format and the per-image
+statistics, so training and serving share one definition). Inside the file, the reference cannot be separated
+from its model: the registry, DVC and the serving image carry both at once.
 """
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
-from cifarlab.runtime import write_atomic
-from serve.drift import REFERENCE_FILE, Reference, build_reference
+from cifarlab.runtime import atomic_destination
+from serve.drift import REFERENCE_METADATA_KEY, Reference, build_reference
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def compute_reference(model_path: str | os.PathLike, images: np.ndarray, sample_size: int = 2000) -> Reference:
@@ -40,13 +33,19 @@ def compute_reference(model_path: str | os.PathLike, images: np.ndarray, sample_
         json.loads(metadata["classes"]),
         sample_size=sample_size,
         run_id=metadata.get("run_id", ""),
-        model_sha256=file_sha256(model_path),
         data_manifest_sha256=metadata.get("data_manifest_sha256", ""),
     )
 
 
-def write_reference(model_path: str | os.PathLike, images: np.ndarray, sample_size: int = 2000) -> Path:
-    """Compute the reference for `model_path` and write it atomically as `reference.json` in the same folder."""
-    path = Path(model_path).with_name(REFERENCE_FILE)
-    write_atomic(path, compute_reference(model_path, images, sample_size).to_json())
-    return path
+def embed_reference(model_path: str | os.PathLike, images: np.ndarray, sample_size: int = 2000) -> Reference:
+    """Compute the reference of `model_path` and store it in the file's metadata (replacing an older one);
+    the file is rewritten atomically."""
+    reference = compute_reference(model_path, images, sample_size)
+    model = onnx.load(str(model_path))
+    kept = [prop for prop in model.metadata_props if prop.key != REFERENCE_METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=REFERENCE_METADATA_KEY, value=reference.to_json())
+    with atomic_destination(Path(model_path)) as temp:
+        onnx.save(model, str(temp))
+    return reference

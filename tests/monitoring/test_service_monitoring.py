@@ -1,0 +1,159 @@
+"""The monitoring side of the real service: A/B variants with sticky assignment and a shadow, feedback stored as
+training data, and the drift report, over HTTP against `uvicorn serve.app:create_app` (the session's A/B server)."""
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.export.onnx import contract_metadata, export_onnx
+from serve.model import ModelLoadError
+from serve.service import Service
+from serve.settings import Settings
+from serve.variants import VariantSpec
+from tests.export.test_onnx import tiny_net
+from tests.monitoring.conftest import Traffic, noise_png, shadow_predictions, wait_until
+from tests.serve.conftest import API_KEY, Server
+
+
+@pytest.fixture
+def http(ab_server: Server, ab_traffic: Traffic) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=ab_server.url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+        yield client
+
+
+def predict(http: httpx.Client, client_id: str | None = None, images: int = 1) -> httpx.Response:
+    files = [("files", (f"n{i}.png", noise_png(100 + i), "image/png")) for i in range(images)]
+    headers = {"X-Client-ID": client_id} if client_id else {}
+    response = http.post("/v1/predict", files=files, headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_a_client_stays_on_its_variant_and_the_response_names_it(http: httpx.Client) -> None:
+    for client in ("alice", "bob", "carol"):
+        answers = {
+            (r.json()["variant"], r.headers["X-Model-Variant"]) for r in (predict(http, client) for _ in range(4))
+        }
+        assert len(answers) == 1 and answers.pop()[0] in {"champion", "canary"}
+    seen = [predict(http, f"user-{i}").json()["variant"] for i in range(40)]
+    assert {"champion", "canary"} == set(seen)  # weights 3:1; the shadow never answers
+    assert seen.count("champion") > seen.count("canary")
+
+
+def test_each_variant_reports_its_model_and_share(http: httpx.Client) -> None:
+    canary = http.get("/v1/model", params={"variant": "canary"}).json()
+    assert (canary["variant"], canary["traffic_share"], canary["shadow"], canary["drift_reference"]) == (
+        "canary",
+        0.25,
+        False,
+        True,
+    )
+    assert http.get("/v1/model").json()["variant"] == "champion"  # the first answering variant
+    assert http.get("/v1/model", params={"variant": "challenger"}).json()["shadow"] is True
+    missing = http.get("/v1/model", params={"variant": "nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_variant"
+
+
+def test_reload_names_its_variant_when_there_are_several(http: httpx.Client) -> None:
+    unnamed = http.post("/v1/admin/reload", json={})
+    assert unnamed.status_code == 422 and unnamed.json()["error"]["code"] == "variant_required"
+    reloaded = http.post("/v1/admin/reload", json={"variant": "canary"})
+    assert reloaded.status_code == 200 and reloaded.json()["model"]["variant"] == "canary"
+
+
+def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
+    http: httpx.Client, ab_traffic: Traffic, ab_server: Server
+) -> None:
+    shadowed = shadow_predictions(http)
+    request_id = predict(http, "dave", images=2).json()["request_id"]
+    wait_until(lambda: shadow_predictions(http) >= shadowed + 2, "the challenger scored the shadow copy")
+    body = {"request_id": request_id, "label": "truck", "image_index": 1}
+    stored = http.post("/v1/feedback", json=body)
+    assert stored.status_code == 201, stored.text
+    record = stored.json()
+    assert record["created"] and record["label"] == "truck" and record["image_index"] == 1
+    assert record["variant"] == "champion" and set(record["shadows"]) == {"challenger"}
+    assert record["correct"] == (record["predicted"] == "truck")
+
+    root = Path(ab_server.env["FEEDBACK_DIR"])
+    image = np.asarray(Image.open(root / "truck" / f"{request_id}~1.png"))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    lines = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    assert {(line["request_id"], line["image_index"]) for line in lines} >= {(request_id, 1)}
+    assert {line["request_id"] for line in lines} >= set(ab_traffic.feedback)
+
+    again = http.post("/v1/feedback", json=body)
+    assert again.status_code == 200 and again.json() == {**record, "created": False}  # idempotent
+    conflict = http.post("/v1/feedback", json={**body, "label": "ship"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "conflicting_feedback"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"request_id": "never-made", "label": "cat"}, 404, "unknown_request"),
+        ({"request_id": "REQUEST", "label": "unicorn"}, 422, "invalid_feedback"),
+        ({"request_id": "REQUEST", "label": "cat", "image_index": 5}, 404, "unknown_request"),
+        ({"request_id": "REQUEST", "label": "cat", "image_index": -1}, 422, "invalid_request"),
+        ({"label": "cat"}, 422, "invalid_request"),
+    ],
+)
+def test_bad_feedback_is_a_4xx_and_stores_nothing(
+    http: httpx.Client, ab_traffic: Traffic, ab_server: Server, body: dict, status: int, code: str
+) -> None:
+    manifest = Path(ab_server.env["FEEDBACK_DIR"]) / "manifest.jsonl"
+    before = manifest.read_bytes()
+    if body.get("request_id") == "REQUEST":
+        body = {**body, "request_id": ab_traffic.request_ids[-1]}
+    response = http.post("/v1/feedback", json=body)
+    assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+    assert manifest.read_bytes() == before
+    malformed = http.post("/v1/feedback", content=b"{oops", headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+
+
+def test_drift_report_flags_the_noise_traffic_per_variant(http: httpx.Client) -> None:
+    report = http.get("/v1/drift").json()["variants"]
+    assert set(report) == {"champion", "canary", "challenger"}
+    champion = report["champion"]
+    assert champion["status"] == "drift" and champion["drift_detected"] and champion["in_window"] == 20
+    assert set(champion["tests"]) == {
+        "confidence",
+        "mean_r",
+        "mean_g",
+        "mean_b",
+        "brightness",
+        "contrast",
+        "sharpness",
+        "class_mix",
+    }
+    assert champion["tests"]["sharpness"]["drifted"] and champion["tests"]["sharpness"]["p_value"] < 1e-4
+    assert champion["reference"]["images"] > 0
+
+
+def test_feedback_and_drift_show_up_as_metrics(http: httpx.Client, ab_traffic: Traffic) -> None:
+    metrics = http.get("/metrics").text
+    assert 'cifarlab_drift_detected{variant="champion"} 1.0' in metrics
+    assert 'cifarlab_live_accuracy{variant="challenger"' in metrics  # the shadow is scored on the same feedback
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("cifarlab_feedback_total{") and 'variant="challenger"' in line
+    )
+    assert counted >= len(ab_traffic.feedback)
+    assert 'cifarlab_http_requests_total{method="POST",route="/v1/predict",status="200",variant="canary"}' in metrics
+
+
+def test_variants_that_predict_different_classes_do_not_start(tiny_model: Path, tmp_path: Path) -> None:
+    classes = [f"other{i}" for i in range(10)]
+    other = export_onnx(tiny_net(), tmp_path / "other.onnx", contract_metadata(classes, "run-8", "ab" * 32))
+    variants = {"champion": VariantSpec(model_uri=str(tiny_model)), "challenger": VariantSpec(model_uri=str(other))}
+    service = Service(Settings(variants=variants))
+    with pytest.raises(ModelLoadError, match=r"predicts \['other0'.*the other variants \['airplane'"):
+        asyncio.run(service.start())

@@ -6,6 +6,7 @@ import binascii
 import hmac
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import numpy as np
@@ -154,9 +155,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         record, created = await service.submit_feedback(body.request_id, body.label, body.image_index)
         if not created:
             response.status_code = 200
-        return FeedbackResponse.model_validate(
-            {**{k: getattr(record, k) for k in FeedbackResponse.model_fields if k != "created"}, "created": created}
-        )
+        return FeedbackResponse.model_validate({**asdict(record), "created": created})
 
     @app.get(
         "/v1/drift",

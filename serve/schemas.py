@@ -86,8 +86,10 @@ class FeedbackResponse(BaseModel):
     label: str
     predicted: str = Field(description="what the answering variant said")
     correct: bool
+    confidence: float
     variant: str
     version: str
+    received_at: str = Field(description="when the feedback was first stored (ISO 8601, UTC)")
     shadows: dict[str, ShadowOutcome] = Field(description="what shadow variants said of the same image")
     created: bool = Field(description="false when the same feedback had been stored before (idempotent)")
 

@@ -56,12 +56,8 @@ class Variant:
         return self.model
 
     def install(self, model: LoadedModel) -> None:
-        reference = model.reference
-        self.drift = (
-            None
-            if reference is None
-            else DriftMonitor(reference, self.settings.drift_window, self.settings.drift_alpha)
-        )
+        reference, settings = model.reference, self.settings
+        self.drift = None if reference is None else DriftMonitor(reference, settings.drift_window, settings.drift_alpha)
         self.model = model
         self.metrics.set_model(self.name, model.version, model.run_id, model.sha256)
 

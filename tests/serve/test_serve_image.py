@@ -89,13 +89,16 @@ def test_lock_pins_every_serving_dependency_with_hashes_and_no_torch():
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with exactly requirements/serve.txt, as the image's build stage installs it."""
+    """A fresh venv with exactly requirements/serve.txt, hash-checked and wheels only, as the image's build stage
+    installs it (with uv rather than pip: the same lock, installed in seconds)."""
     venv = tmp_path_factory.mktemp("image") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
+    assert uv, "uv is not installed: run `make venv` (the 'dev' extra)"
     install = subprocess.run(
         [
-            *(sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet"),
-            *("--no-deps", "--require-hashes", "--only-binary=:all:", "-r", str(LOCK)),
+            *(uv, "pip", "install", "--python", str(venv / "bin" / "python"), "--quiet"),
+            *("--no-deps", "--require-hashes", "--only-binary", ":all:", "-r", str(LOCK)),
         ],
         capture_output=True,
         text=True,

@@ -153,7 +153,7 @@ def test_missing_checkpoint_is_a_config_error(compose_train):
         train(compose_train(*TINY, "logger=none", "ckpt_path=nowhere.ckpt"))
 
 
-def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, tracking_uri):
+def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, tracking_uri, prepared_root):
     result = run_cli(
         "train.py",
         "-m",
@@ -163,7 +163,7 @@ def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, t
         f"logger.tracking_uri={tracking_uri}",
         f"paths.runs_dir={tmp_path / 'runs'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"data.prepared_root={tmp_path / 'prepared'}",
+        f"data.prepared_root={prepared_root}",
         "test=false",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,7 +187,7 @@ def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, t
     assert {line.split()[1] for line in lines[2:]} == names
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, prepared_root):
     result = run_cli(
         "train.py",
         "trainer=ddp",
@@ -196,7 +196,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
         "logger=none",
         "test=false",
         f"paths.runs_dir={tmp_path / 'runs'}",
-        f"data.prepared_root={tmp_path / 'prepared'}",
+        f"data.prepared_root={prepared_root}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
         "+callbacks.dump._target_=tests.helpers.DumpWeights",
         f"+callbacks.dump.dirpath={tmp_path / 'ranks'}",
@@ -274,7 +274,7 @@ def test_data_folder_with_a_missing_class_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
-def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tracking_uri):
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tracking_uri, prepared_root):
     result = run_cli(
         "train.py",
         "hparams_search=optuna",
@@ -284,7 +284,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tracking_uri):
         f"logger.tracking_uri={tracking_uri}",
         f"paths.runs_dir={tmp_path / 'runs'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"data.prepared_root={tmp_path / 'prepared'}",
+        f"data.prepared_root={prepared_root}",
         "test=false",
     )
     assert result.returncode == 0, result.stderr[-3000:]

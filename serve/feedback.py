@@ -18,9 +18,10 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -109,6 +110,9 @@ class FeedbackRecord:
     version: str
     path: str  # relative to the store's root
     received_at: str
+    image_index: int = 0  # which image of the request
+    # the shadow variants' predictions on the same image: {variant: {"predicted", "version", "correct"}}
+    shadows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,16 +247,10 @@ class FeedbackStore:
         """Read the manifest; a torn last line (a crash mid-append, never acknowledged) is cut off."""
         if not self.manifest.exists():
             return
-        data = self.manifest.read_bytes()
-        good_end = 0
-        for line in _lines(data):
-            try:
-                record = FeedbackRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-                break
+        records, good_end = read_manifest(self.manifest)
+        for record in records:
             self._add(record)
-            good_end += len(line)
-        if good_end < len(data):
+        if good_end < self.manifest.stat().st_size:
             with open(self.manifest, "r+b") as handle:
                 handle.truncate(good_end)
                 os.fsync(handle.fileno())
@@ -263,6 +261,20 @@ class FeedbackStore:
         matrix = self._confusion.setdefault(key, np.zeros((len(self.classes), len(self.classes)), dtype=np.int64))
         if record.predicted in self._index and record.label in self._index:
             matrix[self._index[record.label], self._index[record.predicted]] += 1
+
+
+def read_manifest(path: str | os.PathLike[str]) -> tuple[list[FeedbackRecord], int]:
+    """The records of a manifest, up to its first incomplete or unreadable line (a torn append), and the size in
+    bytes of the part read. Read-only: a server may be appending to the file at the same time."""
+    data = Path(path).read_bytes()
+    records, good_end = [], 0
+    for line in _lines(data):
+        try:
+            records.append(FeedbackRecord(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+            break
+        good_end += len(line)
+    return records, good_end
 
 
 def _lines(data: bytes) -> Iterator[bytes]:

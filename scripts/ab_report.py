@@ -263,7 +263,7 @@ def promote(args: argparse.Namespace, report: dict, tested_version: str | None) 
 
 
 def format_report(report: dict) -> str:
-    header = ["variant", "role", "versions", "feedback", "accuracy", "95% interval", "predictions", "share", "coverage"]
+    header = ["variant", "role", "versions", "feedback", "accuracy", "95% interval"]
     rows = [
         [
             row["variant"],
@@ -272,12 +272,13 @@ def format_report(report: dict) -> str:
             str(row["feedback"]),
             _percent(row.get("accuracy")),
             "{} - {}".format(*map(_percent, row["interval"])) if "interval" in row else "",
-            str(row.get("predictions", "")),
-            _percent(row.get("traffic_share")),
-            _percent(row.get("coverage")),
         ]
         for row in report["variants"]
     ]
+    if any("predictions" in row for row in report["variants"]):  # the server's metrics were read
+        header += ["predictions", "share", "coverage"]
+        for cells, row in zip(rows, report["variants"], strict=True):
+            cells += [str(row["predictions"]), _percent(row["traffic_share"]), _percent(row["coverage"])]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     table = [header, ["-" * width for width in widths], *rows]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]

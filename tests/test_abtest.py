@@ -125,7 +125,9 @@ def test_too_few_samples_means_keep_collecting_even_when_significant() -> None:
     comparison = abtest.compare_independent(outcomes(1000, 500), outcomes(40, 40))
     assert comparison.p_value < 1e-6
     recommendation = abtest.recommend(comparison, min_samples=100)
-    assert recommendation.action == "collect" and recommendation.more_samples == 60
-    assert "only 40 feedback samples" in recommendation.reason
+    assert recommendation.action == "collect" and recommendation.more_samples == 60 * 1040 // 40  # at a 25:1 split
+    assert (
+        "only 40 feedback samples for a variant, fewer than the minimum 100 (about 1,560 more" in recommendation.reason
+    )
     equal = abtest.recommend(abtest.compare_independent(outcomes(500, 400), outcomes(500, 400, seed=1)))
     assert equal.action == "collect" and equal.more_samples is None and "no amount of" in equal.reason

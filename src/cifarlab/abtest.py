@@ -203,8 +203,12 @@ def recommend(comparison: Comparison, alpha: float = ALPHA, min_samples: int = M
     direction = c.share_better if c.difference >= 0 else 1 - c.share_better
     fewest = min(c.champion.count, c.challenger.count)
     if fewest < min_samples:
-        more = max(min_samples - fewest, _more(c))
-        reason = f"only {fewest} feedback samples for a variant, fewer than the minimum {min_samples}; {evidence}"
+        # at the current split (paired: every sample counts for both), the minimum takes this much more feedback
+        more = max(math.ceil((min_samples - fewest) * c.samples / fewest), _more(c) or 0)
+        reason = (
+            f"only {fewest} feedback samples for a variant, fewer than the minimum {min_samples} (about {more:,} "
+            f"more {_unit(c)}); {evidence}"
+        )
         return Recommendation("collect", direction, reason, more)
     if c.p_value < alpha:
         action: Action = "promote" if c.difference > 0 else "keep"
@@ -213,12 +217,15 @@ def recommend(comparison: Comparison, alpha: float = ALPHA, min_samples: int = M
         return Recommendation(action, direction, reason, None)
     more = _more(c)
     needed = f"about {more:,} more" if more is not None else "no amount of"
-    unit = "shadowed feedback samples" if c.design == "paired" else "feedback samples at the current traffic split"
     reason = (
-        f"no significant difference at alpha {alpha}: {evidence}; {needed} {unit} would detect the observed "
+        f"no significant difference at alpha {alpha}: {evidence}; {needed} {_unit(c)} would detect the observed "
         f"difference with {c.power:.0%} power"
     )
     return Recommendation("collect", direction, reason, more)
+
+
+def _unit(c: Comparison) -> str:
+    return "shadowed feedback samples" if c.design == "paired" else "feedback samples at the current traffic split"
 
 
 def _more(c: Comparison) -> int | None:

@@ -215,13 +215,13 @@ def recommend(comparison: Comparison, alpha: float = ALPHA, min_samples: int = M
         better = "better" if action == "promote" else "worse"
         reason = f"the challenger is significantly {better} at alpha {alpha}: {evidence}"
         return Recommendation(action, direction, reason, None)
-    more = _more(c)
-    needed = f"about {more:,} more" if more is not None else "no amount of"
+    for_power = _more(c)
+    needed = f"about {for_power:,} more" if for_power is not None else "no amount of"
     reason = (
         f"no significant difference at alpha {alpha}: {evidence}; {needed} {_unit(c)} would detect the observed "
         f"difference with {c.power:.0%} power"
     )
-    return Recommendation("collect", direction, reason, more)
+    return Recommendation("collect", direction, reason, for_power)
 
 
 def _unit(c: Comparison) -> str:

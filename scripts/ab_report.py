@@ -195,10 +195,10 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str | None]:
             raise UserError(f"variant {name!r} has no feedback in {manifest} (variants there: {', '.join(known)})")
     served = served_predictions(args.metrics_url) if args.metrics_url else None
     design, champion, challenger = compared_outcomes(records, args.champion, args.challenger)
-    compare = abtest.compare_paired if design == "paired" else abtest.compare_independent
-    comparison = compare(
+    comparison = abtest.compare(
         np.array(champion.outcomes),
         np.array(challenger.outcomes),
+        design,
         alpha=args.alpha,
         power=args.power,
         resamples=args.resamples,

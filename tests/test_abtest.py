@@ -54,12 +54,12 @@ def test_mcnemar_exact_p_values() -> None:
 def test_paired_comparison_counts_discordant_pairs_only() -> None:
     champion = np.array([1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 0], dtype=bool)
     challenger = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
-    comparison = abtest.compare_paired(champion, challenger)
+    comparison = abtest.compare(champion, challenger, "paired")
     assert comparison.design == "paired" and comparison.discordant == (1, 3)
     assert comparison.p_value == pytest.approx(abtest.mcnemar_exact(1, 3)) and comparison.samples == 12
     assert comparison.difference == pytest.approx(2 / 12)
     with pytest.raises(ValueError, match="differ in length"):
-        abtest.compare_paired(champion, challenger[:-1])
+        abtest.compare(champion, challenger[:-1], "paired")
 
 
 def test_count_based_bootstraps_match_resampling_the_outcomes() -> None:
@@ -68,16 +68,16 @@ def test_count_based_bootstraps_match_resampling_the_outcomes() -> None:
     champion, challenger = outcomes(300, 240, seed=2), outcomes(120, 102, seed=3)
     draws = 4000
     naive = rng.choice(challenger, (draws, len(challenger))).mean(1) - rng.choice(champion, (draws, 300)).mean(1)
-    independent = abtest.compare_independent(champion, challenger, resamples=draws)
+    independent = abtest.compare(champion, challenger, "independent", resamples=draws)
     assert independent.interval == pytest.approx(np.quantile(naive, [0.025, 0.975]), abs=0.012)
 
     paired_champion, paired_challenger = outcomes(400, 300, seed=4), outcomes(400, 330, seed=5)
     rows = rng.integers(0, 400, (draws, 400))
     naive = paired_challenger[rows].mean(1) - paired_champion[rows].mean(1)
-    paired = abtest.compare_paired(paired_champion, paired_challenger, resamples=draws)
+    paired = abtest.compare(paired_champion, paired_challenger, "paired", resamples=draws)
     assert paired.interval == pytest.approx(np.quantile(naive, [0.025, 0.975]), abs=0.008)
     assert paired.share_better == pytest.approx(np.mean(naive > 0) + 0.5 * np.mean(naive == 0), abs=0.02)
-    again = abtest.compare_paired(paired_champion, paired_challenger, resamples=draws)
+    again = abtest.compare(paired_champion, paired_challenger, "paired", resamples=draws)
     assert again.interval == paired.interval  # seeded
 
 
@@ -108,7 +108,7 @@ def test_required_samples_give_the_stated_power() -> None:
     [(900, "promote"), (700, "keep"), (801, "collect")],
 )
 def test_recommendation_follows_significance(challenger_correct: int, action: str) -> None:
-    comparison = abtest.compare_independent(outcomes(1000, 800), outcomes(1000, challenger_correct, seed=1))
+    comparison = abtest.compare(outcomes(1000, 800), outcomes(1000, challenger_correct, seed=1), "independent")
     recommendation = abtest.recommend(comparison)
     assert recommendation.action == action
     if action == "collect":
@@ -122,12 +122,12 @@ def test_recommendation_follows_significance(challenger_correct: int, action: st
 
 
 def test_too_few_samples_means_keep_collecting_even_when_significant() -> None:
-    comparison = abtest.compare_independent(outcomes(1000, 500), outcomes(40, 40))
+    comparison = abtest.compare(outcomes(1000, 500), outcomes(40, 40), "independent")
     assert comparison.p_value < 1e-6
     recommendation = abtest.recommend(comparison, min_samples=100)
     assert recommendation.action == "collect" and recommendation.more_samples == 60 * 1040 // 40  # at a 25:1 split
     assert (
         "only 40 feedback samples for a variant, fewer than the minimum 100 (about 1,560 more" in recommendation.reason
     )
-    equal = abtest.recommend(abtest.compare_independent(outcomes(500, 400), outcomes(500, 400, seed=1)))
+    equal = abtest.recommend(abtest.compare(outcomes(500, 400), outcomes(500, 400, seed=1), "independent"))
     assert equal.action == "collect" and equal.more_samples is None and "no amount of" in equal.reason

@@ -90,73 +90,50 @@ class Comparison:
         return self.champion.count if self.design == "paired" else self.champion.count + self.challenger.count
 
 
-def compare_independent(
+def compare(
     champion: np.ndarray,
     challenger: np.ndarray,
+    design: Design,
     alpha: float = ALPHA,
     power: float = POWER,
     level: float = LEVEL,
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> Comparison:
-    """Variants that answered different requests (split traffic)."""
+    """Compare the variants' outcomes. "independent": they answered different requests (split traffic);
+    "paired": both predicted each image, `champion[i]` and `challenger[i]` being their outcomes on image i."""
     a, b = accuracy(champion, level), accuracy(challenger, level)
-    z, p_value = two_proportion_ztest(a.correct, a.count, b.correct, b.count)
     rng = np.random.default_rng(seed)
-    differences = (
-        rng.binomial(b.count, b.accuracy, resamples) / b.count - rng.binomial(a.count, a.accuracy, resamples) / a.count
-    )
+    if design == "paired":
+        if champion.shape != challenger.shape:
+            raise ValueError(f"paired outcomes differ in length: {champion.shape} vs {challenger.shape}")
+        champion, challenger = champion.astype(bool), challenger.astype(bool)
+        only_a, only_b = int(np.count_nonzero(champion & ~challenger)), int(np.count_nonzero(~champion & challenger))
+        shares = np.array([only_a, only_b, a.count - only_a - only_b]) / a.count  # the rest: both right or wrong
+        tables = rng.multinomial(a.count, shares, resamples)
+        differences = (tables[:, 1] - tables[:, 0]) / a.count
+        test, p_value, statistic = "McNemar exact test", mcnemar_exact(only_a, only_b), float(only_b)
+        discordant: tuple[int, int] | None = (only_a, only_b)
+        required = required_paired(shares[0], shares[1], alpha, power)
+    else:
+        differences = rng.binomial(b.count, b.accuracy, resamples) / b.count
+        differences -= rng.binomial(a.count, a.accuracy, resamples) / a.count
+        statistic, p_value = two_proportion_ztest(a.correct, a.count, b.correct, b.count)
+        test, discordant = "two-proportion z-test", None
+        required = required_independent(a.accuracy, b.accuracy, b.count / a.count, alpha, power)
     return Comparison(
-        design="independent",
-        test="two-proportion z-test",
+        design=design,
+        test=test,
         champion=a,
         challenger=b,
         difference=b.accuracy - a.accuracy,
         interval=_percentiles(differences, level),
         level=level,
         p_value=p_value,
-        statistic=z,
-        discordant=None,
+        statistic=statistic,
+        discordant=discordant,
         share_better=_share_positive(differences),
-        required=required_independent(a.accuracy, b.accuracy, b.count / a.count, alpha, power),
-        power=power,
-    )
-
-
-def compare_paired(
-    champion: np.ndarray,
-    challenger: np.ndarray,
-    alpha: float = ALPHA,
-    power: float = POWER,
-    level: float = LEVEL,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-) -> Comparison:
-    """Variants that both predicted each image (`champion[i]` and `challenger[i]` are outcomes on image i)."""
-    if champion.shape != challenger.shape:
-        raise ValueError(f"paired outcomes differ in length: {champion.shape} vs {challenger.shape}")
-    a, b = accuracy(champion, level), accuracy(challenger, level)
-    champion, challenger = champion.astype(bool), challenger.astype(bool)
-    only_a = int(np.count_nonzero(champion & ~challenger))
-    only_b = int(np.count_nonzero(~champion & challenger))
-    count = len(champion)
-    frequencies = np.array([only_a, only_b, count - only_a - only_b]) / count
-    rng = np.random.default_rng(seed)
-    tables = rng.multinomial(count, frequencies, resamples)
-    differences = (tables[:, 1] - tables[:, 0]) / count
-    return Comparison(
-        design="paired",
-        test="McNemar exact test",
-        champion=a,
-        challenger=b,
-        difference=b.accuracy - a.accuracy,
-        interval=_percentiles(differences, level),
-        level=level,
-        p_value=mcnemar_exact(only_a, only_b),
-        statistic=float(only_b),
-        discordant=(only_a, only_b),
-        share_better=_share_positive(differences),
-        required=required_paired(only_a / count, only_b / count, alpha, power),
+        required=required,
         power=power,
     )
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -110,9 +109,8 @@ class FeedbackRecord:
     version: str
     path: str  # relative to the store's root
     received_at: str
-    image_index: int = 0  # which image of the request
-    # the shadow variants' predictions on the same image: {variant: {"predicted", "version", "correct"}}
-    shadows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    image_index: int = 0
+    shadows: dict[str, dict[str, str | bool]] = field(default_factory=dict)  # variant -> predicted, version, correct
 
 
 @dataclass(frozen=True)
@@ -263,10 +261,9 @@ class FeedbackStore:
             matrix[self._index[record.label], self._index[record.predicted]] += 1
 
 
-def read_manifest(path: str | os.PathLike[str]) -> tuple[list[FeedbackRecord], int]:
-    """The records of a manifest, up to its first incomplete or unreadable line (a torn append), and the size in
-    bytes of the part read. Read-only: a server may be appending to the file at the same time."""
-    data = Path(path).read_bytes()
+def read_manifest(path: Path) -> tuple[list[FeedbackRecord], int]:
+    """The records of a feedback manifest up to the first torn or malformed line, and that line's byte offset."""
+    data = path.read_bytes()
     records, good_end = [], 0
     for line in _lines(data):
         try:

@@ -146,3 +146,9 @@ prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project
 	sed 's/serve:8000/$(SERVE_ADDR)/' monitoring/prometheus/prometheus.yml > monitoring/prometheus/local.yml
 	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
 		--web.listen-address=127.0.0.1:9090
+
+# ----------------------------------------------------------------------------------------------- A/B report
+.PHONY: ab-report
+
+ab-report: venv  ## challenger vs champion on the served feedback: make ab-report ARGS="--feedback $$FEEDBACK_DIR"
+	$(BIN)/python scripts/ab_report.py $(ARGS)

@@ -10,6 +10,7 @@ version. Anything that fails before the decision (a missing alias, an evaluation
 import getpass
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,6 +123,37 @@ def _score(cfg: DictConfig, version: ModelVersion) -> float:
     return float(summary[cfg.metric])
 
 
+def promote_version(
+    tracking_uri: str,
+    name: str,
+    version: str,
+    evidence: Mapping[str, str],
+    champion_alias: str,
+    challenger_alias: str,
+) -> str | None:
+    """Move `champion_alias` of `name` to `version` on a decision made elsewhere (an online A/B test), and record
+    it as `promotion.*` tags on that version: `evidence` plus the previous champion, who and when.
+
+    `version` must be the one `challenger_alias` names, so that what was tested is what gets promoted. Returns the
+    previous champion's version (None if there was none). A refusal changes nothing.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    challenger = _aliased(client, name, challenger_alias, tracking_uri)
+    if str(challenger.version) != str(version):
+        raise RegistryError(
+            f"the tested challenger is {name} version {version}, but the registry's {challenger_alias!r} alias names "
+            f"version {challenger.version}: nothing was promoted (test the version the alias names)"
+        )
+    champion = _aliased_or_none(client, name, champion_alias)
+    previous = None if champion is None else str(champion.version)
+    if previous == str(version):
+        raise RegistryError(f"{name} version {version} is already {champion_alias!r}: nothing to promote")
+    client.set_registered_model_alias(name, champion_alias, str(version))
+    tags = {"promotion.decision": "promoted", "promotion.champion_version": previous or "none"}
+    _tag_decision(client, name, str(version), {**tags, **{f"promotion.{k}": v for k, v in evidence.items()}})
+    return previous
+
+
 def _record(client: MlflowClient, cfg: DictConfig, decision: Decision) -> None:
     tags = {
         "promotion.decision": "promoted" if decision.promoted else "rejected",
@@ -130,11 +162,15 @@ def _record(client: MlflowClient, cfg: DictConfig, decision: Decision) -> None:
         "promotion.challenger_score": f"{decision.challenger_score:.6f}",
         "promotion.champion_version": decision.champion_version or "none",
         "promotion.champion_score": "none" if decision.champion_score is None else f"{decision.champion_score:.6f}",
-        "promotion.by": _user(),
-        "promotion.at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(cfg.model_name, decision.challenger_version, key, value)
+    _tag_decision(client, cfg.model_name, decision.challenger_version, tags)
+
+
+def _tag_decision(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Tag the decision on the version, with who made it and when."""
+    signed = {**tags, "promotion.by": _user(), "promotion.at": datetime.now(UTC).isoformat(timespec="seconds")}
+    for key, value in signed.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def _first_line(error: Exception) -> str:

@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import torch
-
 from cifarlab.errors import ConfigError, UserError
 
 T = TypeVar("T")
@@ -18,6 +16,8 @@ T = TypeVar("T")
 
 def check_accelerator(accelerator: str) -> None:
     """Fail in a second, with the fix, when the requested accelerator does not exist on this machine."""
+    import torch  # here, not at the top: entry points that never touch torch use this module too
+
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("MPS is not available on this machine; use trainer.accelerator=auto (or trainer=cpu)")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -56,22 +56,38 @@ def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:
 
     Config mistakes that surface inside Hydra's instantiate or Lightning's argument checks count as such.
     """
-    from hydra.errors import InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     @functools.wraps(task)
     def wrapper(*args: object, **kwargs: object) -> T:
         try:
             return task(*args, **kwargs)
-        except (UserError, MisconfigurationException) as error:
-            message = str(error)
-        except InstantiationException as error:
-            cause = error.__cause__
-            if isinstance(cause, UserError):
-                message = str(cause)
-            else:
-                message = f"invalid configuration: {error}".replace("\n", " ")
+        except Exception as error:
+            message = _user_message(error)
+            if message is None:
+                raise
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1)
 
     return wrapper
+
+
+def _user_message(error: Exception) -> str | None:
+    """The line to show for an error the user can fix; None for anything else (a bug: keep its traceback).
+
+    Hydra and Lightning are consulted only once loaded: a task that never imported them cannot raise their errors,
+    and an entry point without them starts without their import time (seconds, with torch).
+    """
+    if isinstance(error, UserError):
+        return str(error)
+    if "lightning.fabric" in sys.modules:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        if isinstance(error, MisconfigurationException):
+            return str(error)
+    if "hydra" in sys.modules:
+        from hydra.errors import InstantiationException
+
+        if isinstance(error, InstantiationException):
+            cause = error.__cause__
+            return str(cause) if isinstance(cause, UserError) else f"invalid configuration: {error}".replace("\n", " ")
+    return None

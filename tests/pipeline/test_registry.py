@@ -1,5 +1,6 @@
 """The model registry on a real MLflow server: training registers a challenger, promotion moves the champion."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata
 from cifarlab.registry import RegistryError, promote
 from cifarlab.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS, log_run_end, mlflow_logger
 from tests.conftest import CONFIGS, SAMPLE, run_cli
+from tests.monitoring.test_ab_report import ab_report, split_traffic, write_manifest
 
 OTHER_CLASSES = [f"c{i}" for i in range(10)]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -166,3 +168,52 @@ def test_promote_cli_reports_a_missing_model_in_one_line(mlflow_server, tmp_path
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: no version of registered model")
+
+
+def test_ab_report_promotes_only_the_tested_challenger(mlflow_server, always, tmp_path, capsys):
+    """scripts/ab_report.py --promote: the champion alias moves to the challenger version the feedback names, only
+    if that is the version the registry's challenger alias names, with the test's evidence as tags."""
+    name = "ab-test-promotion"
+    champion = register(mlflow_server, name, always["truck"])
+    MlflowClient(mlflow_server).set_registered_model_alias(name, CHAMPION_ALIAS, champion)
+    challenger = register(mlflow_server, name, always["airplane"])
+    before = {CHAMPION_ALIAS: champion, CHALLENGER_ALIAS: challenger}
+    promote_args = ["--promote", "--model-name", name, "--tracking-uri", mlflow_server]
+
+    def run(versions: tuple[str, str], challenger_correct: int) -> dict:
+        folder = write_manifest(tmp_path / f"v{versions[1]}-{challenger_correct}", [])
+        write_manifest(folder, split_traffic((900, 720), (300, challenger_correct), versions=versions))
+        out = folder / "report.json"
+        assert ab_report.main(["--feedback", str(folder), "--json", str(out), *promote_args]) == 0
+        return json.loads(out.read_text())
+
+    worse = run((champion, challenger), 200)
+    assert worse["recommendation"]["action"] == "keep" and not worse["promotion"]["promoted"]
+    assert aliases(mlflow_server, name) == before
+
+    stale = write_manifest(tmp_path / "stale", split_traffic((900, 720), (300, 270), versions=(champion, champion)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        ab_report.main(["--feedback", str(stale), *promote_args])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: the tested challenger is {name} version {champion}, but the registry's")
+    assert aliases(mlflow_server, name) == before and promotion_tags(mlflow_server, name, champion) == {}
+
+    better = run((champion, challenger), 270)
+    assert better["promotion"] == {
+        "promoted": True,
+        "model": name,
+        "version": challenger,
+        "alias": CHAMPION_ALIAS,
+        "previous_champion": champion,
+    }
+    assert aliases(mlflow_server, name) == {CHAMPION_ALIAS: challenger, CHALLENGER_ALIAS: challenger}
+    tags = promotion_tags(mlflow_server, name, challenger)
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_version"] == champion
+    assert tags["promotion.method"] == "ab_test (independent, two-proportion z-test)"
+    assert float(tags["promotion.p_value"]) == pytest.approx(better["comparison"]["p_value"], rel=1e-5)
+    assert tags["promotion.samples"] == "1200" and tags["promotion.by"] and tags["promotion.at"]
+
+    with pytest.raises(SystemExit):  # the same evidence again: already the champion
+        ab_report.main(["--feedback", str(tmp_path / f"v{challenger}-270"), *promote_args])
+    assert f"{name} version {challenger} is already 'champion'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from serve.model import ModelLoadError
 from serve.service import Service
 from serve.settings import Settings
 from serve.variants import VariantSpec
+from tests.conftest import run_cli
 from tests.export.test_onnx import tiny_net
 from tests.monitoring.conftest import Traffic, noise_png, shadow_predictions, wait_until
 from tests.serve.conftest import API_KEY, Server
@@ -157,3 +158,21 @@ def test_variants_that_predict_different_classes_do_not_start(tiny_model: Path, 
     service = Service(Settings(variants=variants))
     with pytest.raises(ModelLoadError, match=r"predicts \['other0'.*the other variants \['airplane'"):
         asyncio.run(service.start())
+
+
+def test_ab_report_reads_the_servers_feedback_and_metrics(
+    http: httpx.Client, ab_server: Server, ab_traffic: Traffic, tmp_path: Path
+) -> None:
+    out = tmp_path / "report.json"
+    result = run_cli(
+        "scripts/ab_report.py",
+        *("--feedback", ab_server.env["FEEDBACK_DIR"], "--metrics-url", f"{ab_server.url}/metrics"),
+        *("--json", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["comparison"]["design"] == "paired"  # the challenger shadowed every request
+    rows = {row["variant"]: row for row in report["variants"]}
+    assert rows["champion"]["feedback"] >= len(ab_traffic.feedback) and rows["champion"]["predictions"] > 0
+    assert rows["challenger"]["feedback"] >= len(ab_traffic.feedback)  # scored on the same feedback
+    assert report["recommendation"]["action"] == "collect"  # a handful of labels decides nothing

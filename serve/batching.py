@@ -44,6 +44,11 @@ class MicroBatcher(Generic[T]):
         self._task: asyncio.Task[None] | None = None
 
     @property
+    def backlog(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize()
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

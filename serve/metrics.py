@@ -51,6 +51,12 @@ class Metrics:
             "cifarlab_model_info", "the model being served (=1)", ["variant", "version", "run_id", "sha256"], registry=r
         )
         self.model_ready = Gauge("cifarlab_model_ready", "1 when a model is loaded and warm", ["variant"], registry=r)
+        self.shadow_dropped = Counter(
+            "cifarlab_shadow_dropped_total",
+            "shadow copies dropped because the shadow fell behind",
+            ["variant"],
+            registry=r,
+        )
         self.reloads = Counter(
             "cifarlab_model_reloads_total", "model reloads by result", ["variant", "result"], registry=r
         )

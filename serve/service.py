@@ -30,6 +30,8 @@ from serve.model import LoadedModel, ModelLoadError, load_model
 from serve.settings import Settings
 from serve.variants import VariantRouter, VariantSpec
 
+SHADOW_BACKLOG = 256  # requests queued for a shadow variant beyond which its copies are dropped
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -91,6 +93,8 @@ class Service:
         self.variants = {name: Variant(name, spec, settings, self.metrics) for name, spec in specs.items()}
         self.router = VariantRouter(specs)
         self.default_variant = next(name for name, spec in specs.items() if not spec.shadow)
+        for name in self.router.shadows:
+            self.metrics.shadow_dropped.labels(variant=name)  # a series from the start: 0 until a drop
         self.classes: tuple[str, ...] = ()
         self.recent: RecentPredictions | None = None
         self.feedback: FeedbackStore | None = None
@@ -147,7 +151,11 @@ class Service:
         if self.recent is not None:
             self._remember(request_id, images, probabilities, model, variant_name)
         for shadow in self.router.shadows:
-            self._in_background(self._shadow(shadow, images, request_id))
+            # A shadow never slows the answers down: past a few batches of backlog, its copies are dropped.
+            if self.variants[shadow].batcher.backlog > SHADOW_BACKLOG:
+                self.metrics.shadow_dropped.labels(variant=shadow).inc()
+            else:
+                self._in_background(self._shadow(shadow, images, request_id))
         return Answer(probabilities, model, variant_name)
 
     async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:

@@ -179,6 +179,12 @@ MODEL: list[Panel] = [
         [(f"cifarlab_live_recall{{{VARIANT}}}", "{{variant}} v{{version}} {{label}}")],
         12,
     ),
+    (
+        "Shadow copies dropped per hour (the shadow fell behind)",
+        "short",
+        [(f"sum by (variant) (increase(cifarlab_shadow_dropped_total{{{VARIANT}}}[1h]))", "{{variant}}")],
+        12,
+    ),
 ]
 
 

@@ -38,6 +38,7 @@ CONTRACT_METRICS = {
     "cifarlab_model_info",
     "cifarlab_model_ready",
     "cifarlab_model_reloads_total",
+    "cifarlab_shadow_dropped_total",
     *MONITORING_METRICS,
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",

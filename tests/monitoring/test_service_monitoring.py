@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from cifarlab.export.onnx import contract_metadata, export_onnx
+from serve import service as service_module
+from serve.feedback import feedback_key
 from serve.model import ModelLoadError
-from serve.service import Service
+from serve.service import Answer, Service
 from serve.settings import Settings
 from serve.variants import VariantSpec
 from tests.conftest import run_cli
@@ -176,3 +178,28 @@ def test_ab_report_reads_the_servers_feedback_and_metrics(
     assert rows["champion"]["feedback"] >= len(ab_traffic.feedback) and rows["champion"]["predictions"] > 0
     assert rows["challenger"]["feedback"] >= len(ab_traffic.feedback)  # scored on the same feedback
     assert report["recommendation"]["action"] == "collect"  # a handful of labels decides nothing
+
+
+def test_a_shadow_that_falls_behind_loses_copies_not_answers(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "SHADOW_BACKLOG", -1)  # any backlog is too much: every copy is dropped
+    variants = {
+        "champion": VariantSpec(model_uri=str(tiny_model)),
+        "challenger": VariantSpec(model_uri=str(tiny_model), shadow=True),
+    }
+    service = Service(Settings(variants=variants, feedback_dir=tmp_path / "feedback"))
+    images = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+
+    async def serve_two_requests() -> list[Answer]:
+        await service.start()
+        try:
+            return [await service.predict(images, "champion", f"r{i}") for i in range(2)]
+        finally:
+            await service.stop()
+
+    answers = asyncio.run(serve_two_requests())
+    assert [a.variant for a in answers] == ["champion", "champion"] and answers[0].probabilities.shape == (3, 10)
+    dropped = service.metrics.registry.get_sample_value("cifarlab_shadow_dropped_total", {"variant": "challenger"})
+    assert dropped == 2
+    assert service.recent is not None and service.recent.get(feedback_key("r1", 2)).shadows == {}

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve mlflow-server promote
+.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve mlflow-server promote retrain
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ mlflow-server: venv  ## tracking server + model registry on the same store: expo
 
 promote: venv  ## challenger vs champion on the test set; moves champion if better: make promote ARGS="margin=0.005"
 	$(BIN)/python scripts/promote.py $(ARGS)
+
+retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
+	$(BIN)/python scripts/retrain.py $(ARGS)
 
 compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="--sweep <id>"
 	$(BIN)/python scripts/compare_runs.py $(ARGS)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve mlflow-server promote retrain
+.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,9 +43,6 @@ mlflow-server: venv  ## tracking server + model registry on the same store: expo
 
 promote: venv  ## challenger vs champion on the test set; moves champion if better: make promote ARGS="margin=0.005"
 	$(BIN)/python scripts/promote.py $(ARGS)
-
-retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
-	$(BIN)/python scripts/retrain.py $(ARGS)
 
 compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="--sweep <id>"
 	$(BIN)/python scripts/compare_runs.py $(ARGS)
@@ -149,3 +146,9 @@ prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project
 	sed 's/serve:8000/$(SERVE_ADDR)/' monitoring/prometheus/prometheus.yml > monitoring/prometheus/local.yml
 	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
 		--web.listen-address=127.0.0.1:9090
+
+# ---------------------------------------------------------------------------------------------- retraining
+.PHONY: retrain
+
+retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
+	$(BIN)/python scripts/retrain.py $(ARGS)

@@ -43,10 +43,9 @@ def retrain(cfg: DictConfig) -> str:
     new = merge_feedback(store, data, cfg.data.classes)
     _dvc(root, "add", "--quiet", os.path.relpath(data, root))
     _dvc(root, "repro")
-    prepared = Path(cfg.data.source) / MANIFEST_NAME
-    manifest = json.loads(prepared.read_text())
+    raw = (Path(cfg.data.source) / MANIFEST_NAME).read_bytes()  # the prepared data the model was trained on
+    manifest, data_sha256 = json.loads(raw), hashlib.sha256(raw).hexdigest()
     feedback = {"store": str(store), "new": new, "in_training": manifest.get("extra_train", {}).get("count", 0)}
-    data_sha256 = hashlib.sha256(prepared.read_bytes()).hexdigest()
     decision = register_if_not_worse(
         cfg,
         Path(cfg.candidate),

@@ -41,8 +41,8 @@ def retrain(cfg: DictConfig) -> str:
     if not data.is_dir() and data.with_name(f"{data.name}.dvc").exists():
         raise UserError(f"{data} is tracked by DVC but not in the workspace: fetch it first (make dvc-pull)")
     new = merge_feedback(store, data, cfg.data.classes)
-    _dvc(root, "add", "--quiet", os.path.relpath(data, root))
-    _dvc(root, "repro")
+    run_dvc(root, "add", "--quiet", os.path.relpath(data, root))
+    run_dvc(root, "repro")
     raw = (Path(cfg.data.source) / MANIFEST_NAME).read_bytes()  # the prepared data the model was trained on
     manifest, data_sha256 = json.loads(raw), hashlib.sha256(raw).hexdigest()
     feedback = {"store": str(store), "new": new, "in_training": manifest.get("extra_train", {}).get("count", 0)}
@@ -109,7 +109,7 @@ def _feedback_store(feedback_dir: str | None) -> Path:
     return store
 
 
-def _dvc(root: Path, *args: str) -> None:
+def run_dvc(root: Path, *args: str) -> None:
     """Run DVC in `root`, its output shown as it comes; stages find this interpreter first on PATH."""
     if importlib.util.find_spec("dvc") is None:
         raise UserError("dvc is not installed: run `make venv` (the 'pipeline' extra of pyproject.toml)")

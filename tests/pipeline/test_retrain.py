@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from cifarlab.errors import UserError
 from cifarlab.export.onnx import export_onnx, read_metadata
 from cifarlab.registry import RegistryError, register_if_not_worse
-from cifarlab.retrain import merge_feedback, retrain
+from cifarlab.retrain import merge_feedback, retrain, run_dvc
 from serve.feedback import FeedbackStore, Prediction, RecentPredictions
 from tests.conftest import CONFIGS, ROOT
 from tests.pipeline.conftest import dvc, dvc_env, free_port
@@ -183,6 +183,13 @@ def test_retrain_cli_reports_an_error_in_one_line(tmp_path, monkeypatch, capsys)
     assert exited.value.code == 1
     error = capsys.readouterr().err
     assert error.strip().count("\n") == 0 and error.startswith(f"error: {tmp_path / 'absent'}: no such feedback folder")
+
+
+def test_a_failing_dvc_command_is_one_error_line(tmp_path, capfd):
+    with pytest.raises(UserError) as caught:
+        run_dvc(tmp_path, "status")  # not a DVC project
+    assert str(caught.value) == "dvc status failed with exit status 253 (its output above says why)"
+    assert "not inside of a DVC repository" in capfd.readouterr().err  # DVC's own reason, shown as it came
 
 
 def test_unknown_feedback_class_is_refused_before_any_copy(feedback, tmp_path):

@@ -44,6 +44,11 @@ def feedback(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def stored_images(store: Path) -> list[str]:
+    """The `<class>/<name>.png` paths the store's manifest records, in the order they were received."""
+    return [json.loads(line)["path"] for line in (store / "manifest.jsonl").read_text().splitlines()]
+
+
 @contextlib.contextmanager
 def retrain_config(repo: Path, server: str, store: Path | None, *overrides: str) -> Iterator[DictConfig]:
     """configs/retrain.yaml as `make retrain` composes it in `repo`, with the environment a DVC command in `repo`
@@ -87,7 +92,9 @@ def aliases(server: str, name: str) -> dict[str, str]:
     return dict(MlflowClient(server).get_registered_model(name).aliases)
 
 
-def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(pipeline_repo, mlflow_server, first):
+def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
+    pipeline_repo, mlflow_server, feedback, first
+):
     repo, name = pipeline_repo, FIRST
     line, before = first
     assert line.startswith("4 new feedback image(s), 4 in training; registered the candidate")
@@ -96,8 +103,8 @@ def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
     merged = sorted(
         path.relative_to(repo / "data" / "feedback").as_posix() for path in (repo / "data/feedback").rglob("*")
     )
-    assert merged == ["airplane", "airplane/req-3.png", "cat", "cat/req-0.png", "cat/req-1.png", "dog",
-                      "dog/req-2.png", "manifest.jsonl"]  # fmt: skip
+    assert merged == sorted(["airplane", "cat", "dog", "manifest.jsonl", *stored_images(feedback)])
+    assert [name.split("/")[0] for name in stored_images(feedback)] == list(LABELS)
     lines = (repo / "data" / "feedback" / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == ["req-0", "req-1", "req-2", "req-3"]
     assert yaml.safe_load((repo / "data" / "feedback.dvc").read_text())["outs"][0]["nfiles"] == 5
@@ -195,9 +202,10 @@ def test_a_failing_dvc_command_is_one_error_line(tmp_path, capfd):
 def test_unknown_feedback_class_is_refused_before_any_copy(feedback, tmp_path):
     store = tmp_path / "store"
     (store / "cat").mkdir(parents=True)
-    (store / "cat" / "a.png").write_bytes((feedback / "cat" / "req-0.png").read_bytes())
+    image = (feedback / stored_images(feedback)[0]).read_bytes()
+    (store / "cat" / "a.png").write_bytes(image)
     (store / "unicorn").mkdir()
-    (store / "unicorn" / "b.png").write_bytes((feedback / "cat" / "req-0.png").read_bytes())
+    (store / "unicorn" / "b.png").write_bytes(image)
     with pytest.raises(UserError, match="unknown class"):
         merge_feedback(store, tmp_path / "data", CIFAR10)
     assert not (tmp_path / "data").exists()

@@ -147,8 +147,22 @@ prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project
 	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
 		--web.listen-address=127.0.0.1:9090
 
+<<<<<<< HEAD
 # ----------------------------------------------------------------------------------------------- A/B report
 .PHONY: ab-report
 
 ab-report: venv  ## challenger vs champion on the served feedback: make ab-report ARGS="--feedback $$FEEDBACK_DIR"
 	$(BIN)/python scripts/ab_report.py $(ARGS)
+=======
+# ---------------------------------------------------------------------------------------------- retraining
+.PHONY: retrain feedback-pull
+
+retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
+	$(BIN)/python scripts/retrain.py $(ARGS)
+
+# The service's feedback store, copied (by its deployment) to a bucket: FEEDBACK_URI=gs://<bucket>/<path>
+FEEDBACK_URI ?=
+feedback-pull: venv  ## download the feedback store at $$FEEDBACK_URI into $$FEEDBACK_DIR (GCS credentials as for DVC)
+	@test -n "$(FEEDBACK_URI)" -a -n "$(FEEDBACK_DIR)" || { echo "error: set FEEDBACK_URI (gs://...) and FEEDBACK_DIR" >&2; exit 1; }
+	$(BIN)/dvc get-url --force "$(FEEDBACK_URI)" "$(FEEDBACK_DIR)"
+>>>>>>> retrain

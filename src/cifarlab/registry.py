@@ -1,5 +1,6 @@
 """Promotion in the MLflow model registry: the `challenger` version replaces the `champion` only if it scores
-better on the same test data by a margin.
+better on the same test data by a margin. Registration after retraining: a candidate model becomes a new
+`challenger` version only if it scores no worse than the `champion` (scripts/retrain.py).
 
 Every training run registers its ONNX export as a new version aliased `challenger` (cifarlab.tracking); the
 inference service loads `models:/<name>@champion`. Both versions are evaluated by `cifarlab.evaluate`, the code
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
@@ -54,9 +55,7 @@ class Decision:
 def promote(cfg: DictConfig) -> Decision:
     """Evaluate `cfg.challenger_alias` against `cfg.champion_alias` of `cfg.model_name` and move the champion
     alias to the challenger if its `cfg.metric` exceeds the champion's by more than `cfg.margin`."""
-    if not cfg.get("model_name"):
-        raise RegistryError("no registered model name: set model_name= (or logger.registered_model_name=)")
-    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    client = _client(cfg)
     challenger = _aliased(client, cfg.model_name, cfg.challenger_alias, cfg.tracking_uri)
     champion = _aliased_or_none(client, cfg.model_name, cfg.champion_alias)
     if champion is not None and champion.version == challenger.version:
@@ -74,6 +73,82 @@ def promote(cfg: DictConfig) -> Decision:
     _record(client, cfg, decision)
     log.info(decision.describe(cfg.model_name, cfg.metric, cfg.margin))
     return decision
+
+
+@dataclass(frozen=True)
+class Registration:
+    registered: bool
+    version: str | None  # the candidate's new version, when registered
+    champion_version: str | None  # None when there was no champion
+    candidate_score: float
+    champion_score: float | None
+
+    def describe(self, name: str, metric: str, tolerance: float) -> str:
+        candidate = f"candidate ({metric} {self.candidate_score:.4f})"
+        if self.champion_version is None:
+            return f"registered the {candidate} as {name} version {self.version} (challenger): there is no champion"
+        champion = f"champion version {self.champion_version} ({metric} {self.champion_score:.4f})"
+        if self.registered:
+            return (
+                f"registered the {candidate} as {name} version {self.version} (challenger): "
+                f"not worse than the {champion} by more than {tolerance}"
+            )
+        return f"did not register the {candidate}: worse than the {champion} by more than {tolerance}"
+
+
+def champion_version(cfg: DictConfig) -> str | None:
+    """The version `cfg.champion_alias` points to (None if none does); fails when the registry is unreachable."""
+    version = _aliased_or_none(_client(cfg), cfg.model_name, cfg.champion_alias)
+    return None if version is None else str(version.version)
+
+
+def register_if_not_worse(cfg: DictConfig, candidate: Path, tags: dict[str, str] | None = None) -> Registration:
+    """Score the `candidate` ONNX file and the champion on the same test data (eval.py's code path); register the
+    candidate as a new version aliased `challenger` only if its `cfg.metric` is at least the champion's minus
+    `cfg.tolerance` (no champion: always). The champion alias is never moved: promotion is a separate, reviewed
+    step. The decision and `tags` are recorded on an MLflow run named `retrain` (and on the new version)."""
+    from cifarlab.tracking import log_run_end, mlflow_logger  # torch: see _score_onnx
+
+    client = _client(cfg)
+    champion = _aliased_or_none(client, cfg.model_name, cfg.champion_alias)
+    candidate_score = _score_onnx(cfg, candidate, f"the candidate {candidate}")
+    champion_score = None if champion is None else _score(cfg, champion)
+    registered = champion_score is None or candidate_score >= champion_score - cfg.tolerance
+    logger = mlflow_logger(
+        cfg.tracking_uri,
+        experiment_name=cfg.experiment_name,
+        run_name="retrain",
+        registered_model_name=cfg.model_name if registered else None,
+    )
+    version = log_run_end(logger, candidate.parent, candidate, None) if registered else None
+    decision = Registration(
+        registered, version, None if champion is None else str(champion.version), candidate_score, champion_score
+    )
+    recorded = _stamped(
+        "retrain",
+        {
+            "decision": "registered" if registered else "rejected",
+            "metric": cfg.metric,
+            "tolerance": str(cfg.tolerance),
+            "candidate_score": f"{candidate_score:.6f}",
+            "champion_version": decision.champion_version or "none",
+            "champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
+            **(tags or {}),
+        },
+    )
+    for key, value in recorded.items():
+        logger.experiment.set_tag(logger.run_id, key, value)
+        if version is not None:
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+    logger.finalize("success")
+    log.info(decision.describe(cfg.model_name, cfg.metric, cfg.tolerance))
+    return decision
+
+
+def _client(cfg: DictConfig) -> MlflowClient:
+    if not cfg.get("model_name"):
+        raise RegistryError("no registered model name: set model_name= (or logger.registered_model_name=)")
+    return MlflowClient(tracking_uri=cfg.tracking_uri)
 
 
 def _aliased(client: MlflowClient, name: str, alias: str, tracking_uri: str) -> ModelVersion:
@@ -97,8 +172,6 @@ def _aliased_or_none(client: MlflowClient, name: str, alias: str) -> ModelVersio
 
 def _score(cfg: DictConfig, version: ModelVersion) -> float:
     """The version's `cfg.metric` on the configured test data, through eval.py's code path."""
-    from cifarlab.evaluate import evaluate  # torch loads only when a model is evaluated, not for a quick refusal
-
     label = f"{version.name} version {version.version}"
     with tempfile.TemporaryDirectory(prefix="promote-") as folder:
         try:
@@ -106,15 +179,26 @@ def _score(cfg: DictConfig, version: ModelVersion) -> float:
             # registry URI rather than this client's.
             location = MlflowClient(cfg.tracking_uri).get_model_version_download_uri(version.name, version.version)
             model_dir = download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=cfg.tracking_uri)
-            eval_cfg = OmegaConf.merge(
-                cfg,
-                {
-                    "ckpt_path": None,
-                    "onnx_path": str(Path(model_dir) / ONNX_FILE),
-                    "report_dir": None,
-                    "metrics_path": str(Path(folder) / "test_metrics.json"),
-                },
-            )
+        except Exception as error:  # whatever the cause, the decision cannot be made: report it, change nothing
+            raise RegistryError(f"could not evaluate {label}, nothing was changed: {_first_line(error)}") from error
+        return _score_onnx(cfg, Path(model_dir) / ONNX_FILE, label)
+
+
+def _score_onnx(cfg: DictConfig, onnx_path: Path, label: str) -> float:
+    """`cfg.metric` of an ONNX file on the configured test data."""
+    from cifarlab.evaluate import evaluate  # torch loads only when a model is evaluated, not for a quick refusal
+
+    with tempfile.TemporaryDirectory(prefix="score-") as folder:
+        eval_cfg = OmegaConf.merge(
+            cfg,
+            {
+                "ckpt_path": None,
+                "onnx_path": str(onnx_path),
+                "report_dir": None,
+                "metrics_path": str(Path(folder) / "test_metrics.json"),
+            },
+        )
+        try:
             summary = evaluate(cast(DictConfig, eval_cfg))
         except Exception as error:  # whatever the cause, the decision cannot be made: report it, change nothing
             raise RegistryError(f"could not evaluate {label}, nothing was changed: {_first_line(error)}") from error
@@ -149,28 +233,35 @@ def promote_version(
     if previous == str(version):
         raise RegistryError(f"{name} version {version} is already {champion_alias!r}: nothing to promote")
     client.set_registered_model_alias(name, champion_alias, str(version))
-    tags = {"promotion.decision": "promoted", "promotion.champion_version": previous or "none"}
-    _tag_decision(client, name, str(version), {**tags, **{f"promotion.{k}": v for k, v in evidence.items()}})
+    tags = _stamped("promotion", {"decision": "promoted", "champion_version": previous or "none", **evidence})
+    _tag_version(client, name, str(version), tags)
     return previous
 
 
 def _record(client: MlflowClient, cfg: DictConfig, decision: Decision) -> None:
-    tags = {
-        "promotion.decision": "promoted" if decision.promoted else "rejected",
-        "promotion.metric": cfg.metric,
-        "promotion.margin": str(cfg.margin),
-        "promotion.challenger_score": f"{decision.challenger_score:.6f}",
-        "promotion.champion_version": decision.champion_version or "none",
-        "promotion.champion_score": "none" if decision.champion_score is None else f"{decision.champion_score:.6f}",
-    }
-    _tag_decision(client, cfg.model_name, decision.challenger_version, tags)
+    tags = _stamped(
+        "promotion",
+        {
+            "decision": "promoted" if decision.promoted else "rejected",
+            "metric": cfg.metric,
+            "margin": str(cfg.margin),
+            "challenger_score": f"{decision.challenger_score:.6f}",
+            "champion_version": decision.champion_version or "none",
+            "champion_score": "none" if decision.champion_score is None else f"{decision.champion_score:.6f}",
+        },
+    )
+    _tag_version(client, cfg.model_name, decision.challenger_version, tags)
 
 
-def _tag_decision(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
-    """Tag the decision on the version, with who made it and when."""
-    signed = {**tags, "promotion.by": _user(), "promotion.at": datetime.now(UTC).isoformat(timespec="seconds")}
-    for key, value in signed.items():
+def _tag_version(client: MlflowClient, name: str, version: str, tags: Mapping[str, str]) -> None:
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+
+
+def _stamped(prefix: str, values: dict[str, Any]) -> dict[str, str]:
+    """A decision's tags: `prefix.<key>`, plus who made it and when."""
+    stamped = {**values, "by": _user(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {f"{prefix}.{key}": str(value) for key, value in stamped.items()}
 
 
 def _first_line(error: Exception) -> str:

@@ -467,6 +467,52 @@ def test_a_folder_prepare_did_not_write_is_never_replaced(image_folder, tmp_path
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+# ------------------------------------------------------------------------------------- extra training images
+
+
+def test_extra_train_images_join_the_train_split_only(image_folder, tmp_path):
+    root, expected = image_folder
+    extra = tmp_path / "feedback"
+    pixels = random_images(np.random.default_rng(7), 3)
+    write_png(extra / "cat" / "r1.png", pixels[0])
+    write_png(extra / "airplane" / "r2.png", pixels[1])
+    write_png(extra / "airplane" / "r3.png", pixels[2])
+    write_png(extra / "cat" / ".r4.png.tmp", pixels[0])  # the feedback store's temp file: skipped
+    (extra / "manifest.jsonl").write_text("{}\n")  # anything that is not <class>/<image>: skipped
+
+    dataset = prepare(root, tmp_path / "out", extra_train=extra)
+    np.testing.assert_array_equal(dataset.train.images[:30], expected["train"].images)
+    np.testing.assert_array_equal(dataset.train.images[30:], pixels[[1, 2, 0]])  # by class folder, then name
+    assert dataset.train.labels[30:].tolist() == [0, 0, 3]
+    np.testing.assert_array_equal(dataset.test.images, expected["test"].images)
+    recorded = dataset.manifest["extra_train"]
+    assert (recorded["count"], recorded["path"]) == (3, str(extra))
+    assert recorded["per_class"]["airplane"] == 2 and recorded["per_class"]["cat"] == 1
+    assert dataset.manifest["splits"]["train"]["count"] == 33
+    assert load_prepared(tmp_path / "out").manifest == dataset.manifest
+
+    write_png(extra / "cat" / "r1.png", pixels[2])  # same names, other pixels: another identity
+    again = prepare(root, tmp_path / "out", extra_train=extra, force=True)
+    assert again.manifest["extra_train"]["sha256"] != recorded["sha256"]
+
+
+def test_empty_extra_train_folder_adds_nothing(image_folder, tmp_path):
+    root, expected = image_folder
+    (tmp_path / "feedback").mkdir()
+    dataset = prepare(root, tmp_path / "out", extra_train=tmp_path / "feedback")
+    assert_splits_equal(dataset, expected)
+    assert dataset.manifest["extra_train"]["count"] == 0
+
+
+def test_extra_train_errors_are_clear_and_write_nothing(image_folder, tmp_path):
+    root, _ = image_folder
+    assert "no such directory" in error_of(prepare, root, tmp_path / "out", extra_train=tmp_path / "absent")
+    write_png(tmp_path / "feedback" / "unicorn" / "r1.png", random_images(np.random.default_rng(0), 1)[0])
+    message = error_of(prepare, root, tmp_path / "out", extra_train=tmp_path / "feedback")
+    assert "'unicorn' is not a class of the source" in message
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ scripts
 
 
@@ -492,6 +538,20 @@ def test_prepare_cli_prepares(image_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "30 train + 20 test" in result.stdout
     assert_splits_equal(load_prepared(tmp_path / "o"), image_folder[1])
+
+    write_png(tmp_path / "feedback" / "dog" / "r1.png", random_images(np.random.default_rng(0), 1)[0])
+    result = run_script(
+        "scripts/prepare_data.py",
+        "--source",
+        str(image_folder[0]),
+        "--out",
+        str(tmp_path / "o"),
+        "--force",
+        "--extra-train",
+        str(tmp_path / "feedback"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"31 train (of which 1 from {tmp_path / 'feedback'}) + 20 test" in result.stdout
 
 
 def load_make_sample():

@@ -32,7 +32,7 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_three_workflows_exist() -> None:
-    assert [path.name for path in WORKFLOWS] == ["cd.yml", "ci.yml"]
+    assert [path.name for path in WORKFLOWS] == ["cd.yml", "ci.yml", "retrain.yml"]
 
 
 def test_workflows_actions_and_dependabot_match_their_json_schemas() -> None:

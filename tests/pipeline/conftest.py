@@ -182,7 +182,8 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory, gcs: Emulator) -> Pa
     repo = copy_repository(tmp_path_factory.mktemp("pipeline") / "repo")
     (repo / "configs" / "experiment" / "pipeline.yaml").write_text(tiny_recipe())
     shutil.copy2(SAMPLE, repo / "data" / "raw" / "cifar10.tar.gz")
-    dvc(repo, "add", "data/raw/cifar10.tar.gz")
+    (repo / "data" / "feedback").mkdir()  # no feedback yet: what a fresh project's `dvc pull` gives
+    dvc(repo, "add", "data/raw/cifar10.tar.gz", "data/feedback")
     dvc(repo, "remote", "modify", "--local", REMOTE, "endpointurl", gcs.url)
     dvc(repo, "remote", "modify", "--local", REMOTE, "allow_anonymous_login", "true")
     git(repo, "add", "-A")

@@ -126,14 +126,19 @@ def prepare(
     url: str = OFFICIAL_URL,
     expected_md5: str | None = None,
     force: bool = False,
+    extra_train: str | os.PathLike | None = None,
 ) -> PreparedDataset:
     """Decode ``source`` (path, URL, or None for ``url``) into ``out_dir``, atomically.
 
     ``classes`` must match the source's classes exactly (None accepts whatever the source has). An existing
     valid ``out_dir`` is replaced only with ``force``; a failing prepare never leaves partial output behind.
+    ``extra_train``: a folder of ``<class>/*.png|jpg`` images (the inference service's feedback, say) added to
+    the training split only, so the test split stays the held-out set models are compared on.
     """
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, force)
+    if extra_train is not None and not Path(extra_train).is_dir():
+        raise DataError(f"{extra_train}: no such directory (extra training images go in {extra_train}/<class>/*.png|jpg)")
     location = _source_location(source, url)
     path = _download(location, out_dir.parent, expected_md5) if _is_url(location) else Path(location)
     if not path.exists():
@@ -143,6 +148,10 @@ def prepare(
     )
     log.info("preparing CIFAR-10 from %s into %s", location, out_dir)
     source_format, found_classes, train, test = _read_source(path, classes)
+    extra: dict[str, dict] = {}
+    if extra_train is not None:
+        added, extra["extra_train"] = _read_extra_train(Path(extra_train), found_classes)
+        train = Split(np.concatenate([train.images, added.images]), np.concatenate([train.labels, added.labels]))
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": None if source is None else str(source),
@@ -154,6 +163,7 @@ def prepare(
             name: _split_summary(split, found_classes)
             for name, split in zip(SPLITS, (train, test), strict=True)
         },
+        **extra,
     }
     return _write(out_dir, train, test, found_classes, manifest)
 
@@ -251,6 +261,15 @@ def image_folder_key(member: str, is_dir: bool) -> FolderKey | None:
     if len(parts) not in (2, 3) or parts[-2] not in SPLITS:
         return None
     return FolderKey("/".join(parts[:-2]), parts[-2], parts[-1])
+
+
+def labelled_image_class(member: str) -> str | None:
+    """The class of a ``<class>/<image>`` file of a labelled-image folder (extra training images, the inference
+    service's feedback store); None for anything else: hidden (temporary) files, a manifest, deeper files."""
+    parts = PurePosixPath(member).parts
+    if len(parts) != 2 or any(part.startswith(".") for part in parts):
+        return None
+    return parts[0] if parts[1].lower().endswith(_IMAGE_SUFFIXES) else None
 
 
 def temp_sibling(path: Path, kind: str = "tmp") -> Path:
@@ -388,6 +407,32 @@ def _image_split(scan: _Scan, source: Path, split_key: FolderKey, classes: tuple
         images.extend(image for _, image in members)
         labels.extend([label] * len(members))
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
+
+
+def _read_extra_train(folder: Path, classes: tuple[str, ...]) -> tuple[Split, dict]:
+    """The images of ``folder/<class>/`` (hidden files and anything else skipped) and their manifest entry:
+    count, per-class counts and one sha256 over every image's path and content."""
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    digest = hashlib.sha256()
+    for member, read in iter_entries(folder):
+        class_name = labelled_image_class(member)
+        if read is None or class_name is None:
+            continue
+        if class_name not in classes:
+            raise DataError(
+                f"{folder / class_name}: {class_name!r} is not a class of the source ({', '.join(classes)}); "
+                "rename or remove the folder"
+            )
+        data = read()
+        images.append(decode_image(data, str(folder / member)))
+        labels.append(classes.index(class_name))
+        digest.update(f"{member}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+    split = Split(
+        np.stack(images) if images else np.empty((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+        np.asarray(labels, dtype=np.int64),
+    )
+    return split, {"path": str(folder), "sha256": digest.hexdigest(), **_split_summary(split, classes)}
 
 
 def _from_python_batches(

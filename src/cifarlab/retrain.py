@@ -1,0 +1,119 @@
+"""The retraining loop behind `make retrain`: labelled feedback in, a reviewed challenger out.
+
+1. The inference service's feedback store (`<class>/<request id>.png` + `manifest.jsonl`, serve/feedback.py) is
+   merged into `data/feedback`: new images only, each written atomically, with their manifest lines.
+2. `dvc add data/feedback` versions it; `dvc repro` reruns prepare (which adds it to the training split only),
+   train and evaluate.
+3. The new model and the registry's champion are scored on the same held-out test split; the model becomes a new
+   `challenger` version only if it is no worse (cifarlab.registry.register_if_not_worse). Promotion to champion
+   stays a separate, reviewed step (scripts/promote.py).
+
+The outcome is written to `summary_path` as JSON and returned as one line.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from cifarlab.data.prepare import MANIFEST_NAME, iter_entries, labelled_image_class
+from cifarlab.errors import UserError
+from cifarlab.registry import champion_version, register_if_not_worse
+from cifarlab.runtime import write_atomic
+
+FEEDBACK_MANIFEST = "manifest.jsonl"  # the feedback store's record of every label (serve/feedback.py)
+
+
+def retrain(cfg: DictConfig) -> str:
+    """Run the whole loop (module docstring); returns the one-line outcome."""
+    root = Path(cfg.paths.root_dir)
+    store = _feedback_store(cfg.feedback_dir)
+    data = Path(cfg.feedback_data)
+    champion_version(cfg)  # fails now, not after an hour of training, when the registry cannot be reached
+    if not data.is_dir() and data.with_name(f"{data.name}.dvc").exists():
+        raise UserError(f"{data} is tracked by DVC but not in the workspace: fetch it first (make dvc-pull)")
+    new = merge_feedback(store, data, cfg.data.classes)
+    run_dvc(root, "add", "--quiet", os.path.relpath(data, root))
+    run_dvc(root, "repro")
+    raw = (Path(cfg.data.source) / MANIFEST_NAME).read_bytes()  # the prepared data the model was trained on
+    manifest, data_sha256 = json.loads(raw), hashlib.sha256(raw).hexdigest()
+    feedback = {"store": str(store), "new": new, "in_training": manifest.get("extra_train", {}).get("count", 0)}
+    decision = register_if_not_worse(
+        cfg,
+        Path(cfg.candidate),
+        tags={"feedback_new": str(new), "feedback_in_training": str(feedback["in_training"]), "data": data_sha256},
+    )
+    summary: dict[str, Any] = {
+        **asdict(decision),
+        "model_name": cfg.model_name,
+        "metric": cfg.metric,
+        "tolerance": cfg.tolerance,
+        "feedback": feedback,
+        "train_images": manifest["splits"]["train"]["count"],
+        "test_images": manifest["splits"]["test"]["count"],
+        "data_manifest_sha256": data_sha256,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(Path(cfg.summary_path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    merged = f"{new} new feedback image(s), {feedback['in_training']} in training"
+    return f"{merged}; {decision.describe(cfg.model_name, cfg.metric, cfg.tolerance)}"
+
+
+def merge_feedback(store: Path, data: Path, classes: list[str]) -> int:
+    """Copy the store's labelled images that `data` lacks (same `<class>/<name>`), each atomically, and append
+    their manifest lines to `data`'s; returns how many were new. An unknown class stops it before any copy."""
+    images = {member: read for member, read in iter_entries(store) if read is not None and labelled_image_class(member)}
+    unknown = sorted({member.split("/")[0] for member in images} - set(classes))
+    if unknown:
+        raise UserError(f"{store}: feedback for unknown class(es) {', '.join(unknown)} (classes: {', '.join(classes)})")
+    new = [member for member in images if not (data / member).exists()]
+    for member in new:
+        write_atomic(data / member, images[member]())
+    data.mkdir(parents=True, exist_ok=True)
+    lines = _manifest_lines(store / FEEDBACK_MANIFEST, set(new))
+    if lines:
+        manifest = data / FEEDBACK_MANIFEST
+        write_atomic(manifest, (manifest.read_text() if manifest.exists() else "") + lines)
+    return len(new)
+
+
+def _manifest_lines(manifest: Path, paths: set[str]) -> str:
+    """The complete lines of a feedback manifest that record one of `paths` (a torn last line records none)."""
+    if not manifest.exists():
+        return ""
+    kept = []
+    for line in manifest.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and isinstance(record, dict) and record.get("path") in paths:
+            kept.append(line)
+    return "".join(kept)
+
+
+def _feedback_store(feedback_dir: str | None) -> Path:
+    if not feedback_dir:
+        raise UserError("no feedback store given: set FEEDBACK_DIR or feedback_dir=<the service's feedback folder>")
+    store = Path(feedback_dir).expanduser()
+    if not store.is_dir():
+        raise UserError(f"{store}: no such feedback folder (the service's FEEDBACK_DIR: <class>/<id>.png files)")
+    return store
+
+
+def run_dvc(root: Path, *args: str) -> None:
+    """Run DVC in `root`, its output shown as it comes; stages find this interpreter first on PATH."""
+    if importlib.util.find_spec("dvc") is None:
+        raise UserError("dvc is not installed: run `make venv` (the 'pipeline' extra of pyproject.toml)")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=False)
+    if result.returncode != 0:
+        raise UserError(f"dvc {' '.join(args)} failed with exit status {result.returncode} (its output above says why)")

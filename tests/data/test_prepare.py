@@ -50,9 +50,7 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
     Image.fromarray(pixels).save(path, format="PNG")
 
 
-def build_image_folder(
-    root: Path, classes: tuple[str, ...] = CIFAR10_CLASSES, seed: int = 0
-) -> dict[str, Split]:
+def build_image_folder(root: Path, classes: tuple[str, ...] = CIFAR10_CLASSES, seed: int = 0) -> dict[str, Split]:
     """A PNG image folder (exact pixels); returns each split as prepare orders it: by class, then name."""
     rng = np.random.default_rng(seed)
     expected = {}
@@ -226,9 +224,7 @@ def test_manifest_records_source_counts_and_checksums(image_folder, tmp_path):
         assert entry["file"] == f"{name}.npy"
         assert entry["sha256"] == sha256(out / entry["file"])
         assert (entry["shape"], entry["dtype"]) == (list(array.shape), str(array.dtype))
-    assert sorted(path.name for path in out.iterdir()) == sorted(
-        [*(f"{n}.npy" for n in ARRAY_NAMES), "manifest.json"]
-    )
+    assert sorted(path.name for path in out.iterdir()) == sorted([*(f"{n}.npy" for n in ARRAY_NAMES), "manifest.json"])
 
 
 def test_grayscale_rgba_and_palette_images_become_rgb(tmp_path):
@@ -395,9 +391,7 @@ def test_empty_class_folder_is_refused(image_folder, tmp_path, packed):
 def test_python_archive_missing_a_batch_names_it(python_splits, tmp_path):
     train = python_splits["train"]
     rows = planar(train.images)
-    archive = write_python_archive(
-        tmp_path / "b.tgz", rows, train.labels, rows, train.labels, skip="test_batch"
-    )
+    archive = write_python_archive(tmp_path / "b.tgz", rows, train.labels, rows, train.labels, skip="test_batch")
     assert "lacks test_batch" in error_of(prepare, archive, tmp_path / "out")
 
 
@@ -455,9 +449,7 @@ def test_existing_dataset_is_replaced_only_with_force(image_folder, tmp_path):
     first = prepare(image_folder[0], tmp_path / "out")
     assert "--force" in error_of(prepare, image_folder[0], tmp_path / "out")
     second = prepare(image_folder[0], tmp_path / "out", force=True)
-    assert (
-        second.manifest_sha256 == first.manifest_sha256
-    )  # same source, same bytes: prepare is deterministic
+    assert second.manifest_sha256 == first.manifest_sha256  # same source, same bytes: prepare is deterministic
 
 
 def test_a_folder_prepare_did_not_write_is_never_replaced(image_folder, tmp_path):
@@ -523,18 +515,14 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_prepare_cli_prints_one_error_line_and_exits_1(tmp_path):
-    result = run_script(
-        "scripts/prepare_data.py", "--source", str(tmp_path / "absent.tgz"), "--out", str(tmp_path)
-    )
+    result = run_script("scripts/prepare_data.py", "--source", str(tmp_path / "absent.tgz"), "--out", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "absent.tgz" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_prepare_cli_prepares(image_folder, tmp_path):
-    result = run_script(
-        "scripts/prepare_data.py", "--source", str(image_folder[0]), "--out", str(tmp_path / "o")
-    )
+    result = run_script("scripts/prepare_data.py", "--source", str(image_folder[0]), "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     assert "30 train + 20 test" in result.stdout
     assert_splits_equal(load_prepared(tmp_path / "o"), image_folder[1])

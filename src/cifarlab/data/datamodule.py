@@ -1,6 +1,7 @@
 """The CIFAR-10 LightningDataModule: prepared uint8 arrays, held whole on the training device."""
 
 from collections.abc import Sequence
+
 import lightning as L
 import numpy as np
 import torch

@@ -138,14 +138,14 @@ def prepare(
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, force)
     if extra_train is not None and not Path(extra_train).is_dir():
-        raise DataError(f"{extra_train}: no such directory (extra training images go in {extra_train}/<class>/*.png|jpg)")
+        raise DataError(
+            f"{extra_train}: no such directory (extra training images go in {extra_train}/<class>/*.png|jpg)"
+        )
     location = _source_location(source, url)
     path = _download(location, out_dir.parent, expected_md5) if _is_url(location) else Path(location)
     if not path.exists():
         raise DataError(f"{source}: no such file or directory")
-    sha256 = (
-        None if path.is_dir() else _verified_sha256(path, _expected_md5(path.name, expected_md5), str(path))
-    )
+    sha256 = None if path.is_dir() else _verified_sha256(path, _expected_md5(path.name, expected_md5), str(path))
     log.info("preparing CIFAR-10 from %s into %s", location, out_dir)
     source_format, found_classes, train, test = _read_source(path, classes)
     extra: dict[str, dict] = {}
@@ -160,8 +160,7 @@ def prepare(
         "source_format": source_format,
         "classes": list(found_classes),
         "splits": {
-            name: _split_summary(split, found_classes)
-            for name, split in zip(SPLITS, (train, test), strict=True)
+            name: _split_summary(split, found_classes) for name, split in zip(SPLITS, (train, test), strict=True)
         },
         **extra,
     }
@@ -175,9 +174,7 @@ def load_prepared(out_dir: str | os.PathLike) -> PreparedDataset:
     try:
         raw = manifest_path.read_bytes()
     except FileNotFoundError:
-        raise DataError(
-            f"{manifest_path} is missing, so {root} is not a prepared dataset; {_REPREPARE}"
-        ) from None
+        raise DataError(f"{manifest_path} is missing, so {root} is not a prepared dataset; {_REPREPARE}") from None
     try:
         manifest = json.loads(raw)
         if manifest["format_version"] != FORMAT_VERSION:
@@ -196,9 +193,7 @@ def load_prepared(out_dir: str | os.PathLike) -> PreparedDataset:
             raise DataError(f"{exc}; {_REPREPARE}") from None
         if _split_summary(split, classes) != expected_splits.get(name):
             raise DataError(f"{where}: counts do not match {manifest_path}; {_REPREPARE}")
-    return PreparedDataset(
-        root, splits["train"], splits["test"], classes, manifest, hashlib.sha256(raw).hexdigest()
-    )
+    return PreparedDataset(root, splits["train"], splits["test"], classes, manifest, hashlib.sha256(raw).hexdigest())
 
 
 def ensure_prepared(
@@ -377,9 +372,7 @@ def _from_image_folder(
 ) -> tuple[tuple[str, ...], Split, Split]:
     prefixes = sorted({key.prefix for key in scan.folders})
     if len(prefixes) > 1:
-        raise DataError(
-            f"{source}: train/ and test/ found under several folders ({', '.join(prefixes)}); keep one"
-        )
+        raise DataError(f"{source}: train/ and test/ found under several folders ({', '.join(prefixes)}); keep one")
     splits = []
     matched: tuple[str, ...] = ()
     for split in SPLITS:
@@ -440,15 +433,12 @@ def _from_python_batches(
 ) -> tuple[tuple[str, ...], Split, Split]:
     missing = [name for name in _PY_MEMBERS if name not in scan.batches]
     if missing:
-        raise DataError(
-            f"{source}: looks like the official CIFAR-10 python archive but lacks {', '.join(missing)}"
-        )
+        raise DataError(f"{source}: looks like the official CIFAR-10 python archive but lacks {', '.join(missing)}")
     meta_member, meta_bytes = scan.batches[_PY_META]
     meta_where = describe_member(source, meta_member)
     try:
         names = [
-            n.decode() if isinstance(n, bytes) else str(n)
-            for n in _unpickle(meta_bytes, meta_where)[b"label_names"]
+            n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(meta_bytes, meta_where)[b"label_names"]
         ]
     except (KeyError, TypeError, UnicodeDecodeError) as exc:
         raise DataError(f"{meta_where}: no readable label_names ({exc!r})") from None
@@ -474,9 +464,7 @@ def _python_batch(member: str, data: bytes, source: Path, names: Sequence[str]) 
         raise DataError(f"{where}: not a CIFAR-10 batch ({exc!r})") from None
     pixels = 3 * IMAGE_SIZE * IMAGE_SIZE
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != pixels:
-        raise DataError(
-            f"{where}: data must be uint8 [N, {pixels}], found {images.dtype} {list(images.shape)}"
-        )
+        raise DataError(f"{where}: data must be uint8 [N, {pixels}], found {images.dtype} {list(images.shape)}")
     hwc = images.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
     split = Split(np.ascontiguousarray(hwc), labels)
     _validate_split(split, names, where)
@@ -528,17 +516,11 @@ def _validate_split(split: Split, classes: Sequence[str], where: str) -> None:
     """The one shape/dtype/label check, applied to freshly decoded and to loaded arrays alike."""
     images, labels = split.images, split.labels
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise DataError(
-            f"{where}: images must be uint8 [N, 32, 32, 3], found {images.dtype} {list(images.shape)}"
-        )
+        raise DataError(f"{where}: images must be uint8 [N, 32, 32, 3], found {images.dtype} {list(images.shape)}")
     if labels.dtype != np.int64 or labels.shape != (len(images),):
-        raise DataError(
-            f"{where}: labels must be int64 [{len(images)}], found {labels.dtype} {list(labels.shape)}"
-        )
+        raise DataError(f"{where}: labels must be int64 [{len(images)}], found {labels.dtype} {list(labels.shape)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise DataError(
-            f"{where}: labels must lie in 0..{len(classes) - 1}, found {labels.min()}..{labels.max()}"
-        )
+        raise DataError(f"{where}: labels must lie in 0..{len(classes) - 1}, found {labels.min()}..{labels.max()}")
 
 
 def _split_summary(split: Split, classes: Sequence[str]) -> dict:
@@ -640,14 +622,10 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             load_prepared(out_dir)
         except DataError:
             return
-        raise DataError(
-            f"{out_dir} already holds a prepared dataset; pass --force (force=True) to replace it"
-        )
+        raise DataError(f"{out_dir} already holds a prepared dataset; pass --force (force=True) to replace it")
 
 
-def _write(
-    out_dir: Path, train: Split, test: Split, classes: tuple[str, ...], manifest: dict
-) -> PreparedDataset:
+def _write(out_dir: Path, train: Split, test: Split, classes: tuple[str, ...], manifest: dict) -> PreparedDataset:
     """Write into a temporary sibling, then swap it in with renames: readers see old or new, never half."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out_dir)
@@ -702,7 +680,5 @@ def _load_array(root: Path, entry: dict) -> np.ndarray:
         )
     array = np.load(io.BytesIO(data), allow_pickle=False)
     if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
-        raise DataError(
-            f"{path}: {array.dtype} {list(array.shape)} does not match the manifest; {_REPREPARE}"
-        )
+        raise DataError(f"{path}: {array.dtype} {list(array.shape)} does not match the manifest; {_REPREPARE}")
     return array

@@ -147,13 +147,12 @@ prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project
 	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
 		--web.listen-address=127.0.0.1:9090
 
-<<<<<<< HEAD
 # ----------------------------------------------------------------------------------------------- A/B report
 .PHONY: ab-report
 
 ab-report: venv  ## challenger vs champion on the served feedback: make ab-report ARGS="--feedback $$FEEDBACK_DIR"
 	$(BIN)/python scripts/ab_report.py $(ARGS)
-=======
+
 # ---------------------------------------------------------------------------------------------- retraining
 .PHONY: retrain feedback-pull
 
@@ -165,4 +164,3 @@ FEEDBACK_URI ?=
 feedback-pull: venv  ## download the feedback store at $$FEEDBACK_URI into $$FEEDBACK_DIR (GCS credentials as for DVC)
 	@test -n "$(FEEDBACK_URI)" -a -n "$(FEEDBACK_DIR)" || { echo "error: set FEEDBACK_URI (gs://...) and FEEDBACK_DIR" >&2; exit 1; }
 	$(BIN)/dvc get-url --force "$(FEEDBACK_URI)" "$(FEEDBACK_DIR)"
->>>>>>> retrain

@@ -140,6 +140,10 @@ class FeedbackRecord:
     def key(self) -> str:
         return feedback_key(self.request_id, self.image_index)
 
+    def to_line(self) -> str:
+        """The record as one manifest line (JSON, newline-terminated)."""
+        return json.dumps(asdict(self), sort_keys=True) + "\n"
+
     def outcomes(self) -> Iterator[tuple[str, str, str]]:
         """(variant, version, predicted) of the answering variant, then of each shadow."""
         yield self.variant, self.version, self.predicted
@@ -279,7 +283,7 @@ class FeedbackStore:
         _fsync_directory(path.parent)
 
     def _append(self, record: FeedbackRecord) -> None:
-        line = json.dumps(asdict(record), sort_keys=True) + "\n"
+        line = record.to_line()
         created = not self.manifest.exists()
         with open(self.manifest, "a", encoding="utf-8") as handle:
             handle.write(line)

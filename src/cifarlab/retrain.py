@@ -1,6 +1,6 @@
 """The retraining loop behind `make retrain`: labelled feedback in, a reviewed challenger out.
 
-1. The inference service's feedback store (`<class>/<request id>.png` + `manifest.jsonl`, serve/feedback.py) is
+1. The inference service's feedback store (`<class>/<request id>~<index>.png` + `manifest.jsonl`, serve/feedback.py) is
    merged into `data/feedback`: new images only, each written atomically, with their manifest lines.
 2. `dvc add data/feedback` versions it; `dvc repro` reruns prepare (which adds it to the training split only),
    train and evaluate.
@@ -28,8 +28,7 @@ from cifarlab.data.prepare import MANIFEST_NAME, iter_entries, labelled_image_cl
 from cifarlab.errors import UserError
 from cifarlab.registry import champion_version, register_if_not_worse
 from cifarlab.runtime import write_atomic
-
-FEEDBACK_MANIFEST = "manifest.jsonl"  # the feedback store's record of every label (serve/feedback.py)
+from serve.feedback import MANIFEST_FILE, read_manifest
 
 
 def retrain(cfg: DictConfig) -> str:
@@ -78,26 +77,19 @@ def merge_feedback(store: Path, data: Path, classes: list[str]) -> int:
     for member in new:
         write_atomic(data / member, images[member]())
     data.mkdir(parents=True, exist_ok=True)
-    lines = _manifest_lines(store / FEEDBACK_MANIFEST, set(new))
+    lines = _manifest_lines(store / MANIFEST_FILE, set(new))
     if lines:
-        manifest = data / FEEDBACK_MANIFEST
+        manifest = data / MANIFEST_FILE
         write_atomic(manifest, (manifest.read_text() if manifest.exists() else "") + lines)
     return len(new)
 
 
 def _manifest_lines(manifest: Path, paths: set[str]) -> str:
-    """The complete lines of a feedback manifest that record one of `paths` (a torn last line records none)."""
+    """The manifest lines, as the store writes them, of the records of `paths` (a torn last line records none)."""
     if not manifest.exists():
         return ""
-    kept = []
-    for line in manifest.read_text().splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if line.endswith("\n") and isinstance(record, dict) and record.get("path") in paths:
-            kept.append(line)
-    return "".join(kept)
+    records, _ = read_manifest(manifest)
+    return "".join(record.to_line() for record in records if record.path in paths)
 
 
 def _feedback_store(feedback_dir: str | None) -> Path:
@@ -105,7 +97,7 @@ def _feedback_store(feedback_dir: str | None) -> Path:
         raise UserError("no feedback store given: set FEEDBACK_DIR or feedback_dir=<the service's feedback folder>")
     store = Path(feedback_dir).expanduser()
     if not store.is_dir():
-        raise UserError(f"{store}: no such feedback folder (the service's FEEDBACK_DIR: <class>/<id>.png files)")
+        raise UserError(f"{store}: no such feedback folder (the service's FEEDBACK_DIR: <class>/<id>~<n>.png files)")
     return store
 
 

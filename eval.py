@@ -8,13 +8,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig
 
-from cifarlab.evaluate import evaluate
 from cifarlab.runtime import user_errors_exit
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 @user_errors_exit
 def main(cfg: DictConfig) -> dict[str, float]:
+    from cifarlab.evaluate import evaluate  # after Hydra has checked the overrides: a typo is reported at once
+
     return evaluate(cfg)
 
 

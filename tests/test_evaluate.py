@@ -18,8 +18,7 @@ from cifarlab.export.onnx import contract_metadata, export_onnx, onnx_logits, on
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.module import ClassifierNet
 from cifarlab.runtime import user_errors_exit
-from cifarlab.train import train
-from tests.conftest import CONFIGS, SAMPLE, TINY, run_cli
+from tests.conftest import CONFIGS, SAMPLE, run_cli
 
 OTHER_CLASSES = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
 
@@ -76,10 +75,8 @@ def report_lines(stdout: str) -> list[str]:
     return lines[start - 1 : start + 1 + len(CIFAR10_CLASSES)]
 
 
-def test_checkpoint_and_onnx_export_of_a_run_score_alike(compose_train, prepared_root, tmp_path):
-    cfg = compose_train(*TINY, "logger=csv")
-    train(cfg)
-    run_dir = Path(cfg.paths.output_dir)
+def test_checkpoint_and_onnx_export_of_a_run_score_alike(tiny_run, prepared_root, tmp_path):
+    run_dir = tiny_run
 
     models = {"onnx_path": run_dir / "model.onnx", "ckpt_path": run_dir / "checkpoints" / "best.ckpt"}
 

@@ -234,14 +234,14 @@ def test_unknown_config_option_is_a_readable_error():
     assert "Traceback" not in result.stderr
 
 
-def test_wrongly_typed_value_is_one_line(tmp_path):
+def test_wrongly_typed_value_is_one_line(tmp_path, prepared_root):
     result = run_cli(
         "train.py",
         *TINY,
         "logger=none",
         "optimizer.lr=-1",
         f"paths.runs_dir={tmp_path}",
-        f"data.prepared_root={tmp_path / 'prepared'}",
+        f"data.prepared_root={prepared_root}",
         timeout=120,
     )
     assert result.returncode == 1

@@ -266,7 +266,7 @@ def test_callback_exports_the_best_checkpoint_of_a_run(compose_train, monkeypatc
         exports.append((self, source, self.difference))
 
     monkeypatch.setattr(OnnxExport, "_export", recording)
-    cfg = compose_train(*TINY, "logger=csv")
+    cfg = compose_train(*TINY, "logger=csv", "callbacks.onnx_export.every_best=true")
     train(cfg)
 
     run_dir = Path(cfg.paths.output_dir)

@@ -149,7 +149,11 @@ def tiny_recipe() -> str:
     recipe = OmegaConf.merge(
         {"defaults": [{"override /logger": "none"}], "run_name": "pipeline"},
         limit,
-        {"trainer": {"accelerator": "cpu"}, "model": {"net": {"widths": [16, 32, 32]}}},
+        {
+            "trainer": {"accelerator": "cpu"},
+            "model": {"net": {"widths": [16, 32, 32]}},
+            "callbacks": {"onnx_export": {"every_best": False}},
+        },
     )
     return "# @package _global_\n" + OmegaConf.to_yaml(recipe)
 

@@ -93,11 +93,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _add_routes(app: FastAPI, service: Service) -> None:
     settings = service.settings
 
-    def require_api_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
+    async def require_api_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
         if settings.api_key is not None:
             _check_key(key, settings.api_key.get_secret_value())
 
-    def require_admin_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
+    async def require_admin_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
         if settings.api_key is None:
             raise ApiError(403, "admin_disabled", "admin calls need API_KEY to be set on the server")
         _check_key(key, settings.api_key.get_secret_value())

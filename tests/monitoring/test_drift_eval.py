@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifarlab.data.prepare import ensure_prepared, source_slug
+from cifarlab.data.prepare import ensure_prepared
 from serve.drift import image_statistics
 from tests.conftest import ROOT, SAMPLE
 
@@ -21,7 +21,7 @@ spec.loader.exec_module(drift_eval)
 def test_drift_eval_flags_corrupted_windows_and_not_clean_ones(
     tiny_model: Path, prepared_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    prepared = ensure_prepared(SAMPLE, prepared_root / source_slug(str(SAMPLE))).root
+    prepared = ensure_prepared(SAMPLE, prepared_root).root  # the session copy, prepared once
     out = tmp_path / "eval.json"
     assert (
         drift_eval.main(["--model", str(tiny_model), "--prepared", str(prepared), "--out", str(out), "--repeats", "2"])

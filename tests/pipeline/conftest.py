@@ -51,6 +51,7 @@ class Emulator:
         self.hold: Callable[[str, str], bool] | None = None  # (HTTP method, path) -> hold this request?
         self.held = threading.Event()  # set when a request is being held
         self.release = threading.Event()
+        self.answered: list[tuple[str, str]] = []  # (HTTP method, path) of every request served, in order
         self._install_gate()
 
     def _install_gate(self) -> None:
@@ -66,6 +67,7 @@ class Emulator:
                     emulator.held.set()
                     emulator.release.wait(60)
                 original(handler)
+                emulator.answered.append((handler.command, handler.path))
 
             return handle
 

@@ -175,14 +175,14 @@ def _kill_while_held(process: subprocess.Popen, gcs: Emulator) -> None:
 def test_interrupted_push_is_retried_to_completion(pipeline_repo: Path, gcs: Emulator):
     repo = pipeline_repo
     gcs.wipe()
-    uploads = []
+    answered_before = len(gcs.answered)
 
-    def hold_second_upload(method: str, path: str) -> bool:
-        if method == "POST" and "/upload/" in path:
-            uploads.append(path)
-        return len(uploads) == 2
+    def hold_an_upload_after_the_first_stored(method: str, path: str) -> bool:
+        # counted on answered requests, so that a retried first upload (a slow, busy machine) is not the one held
+        stored = [p for m, p in gcs.answered[answered_before:] if m == "POST" and "/upload/" in p]
+        return method == "POST" and "/upload/" in path and len(stored) >= 1
 
-    gcs.hold = hold_second_upload
+    gcs.hold = hold_an_upload_after_the_first_stored
     _kill_while_held(_dvc_process(repo, "push"), gcs)
     partial = gcs.objects()
     assert 1 <= len(partial) < 9 and status(repo, "-c") != {}

@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from serve.variants import VariantSpec
+from serve.variants import VariantRouter, VariantSpec
 
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a Prometheus label value and a JSON key, nothing odd
 
@@ -72,6 +72,7 @@ class Settings(BaseSettings):
         bad = [name for name in self.variants if not re.fullmatch(VARIANT_NAME, name)]
         if bad:
             raise ValueError(f"variant names must be letters, digits and '_.-': {bad}")
+        VariantRouter(self.variant_specs())  # its own checks: someone must answer
         return self
 
     def variant_specs(self) -> dict[str, VariantSpec]:

@@ -42,6 +42,7 @@ def test_variants_come_from_json_and_replace_model_uri(monkeypatch: pytest.Monke
         ({}, r"settings: Value error, set MODEL_URI \(one model\) or VARIANTS"),
         ({"VARIANTS": '{"bad name": {"model_uri": "a.onnx"}}'}, "variant names must be"),
         ({"VARIANTS": '{"a": {"weight": 2}}'}, "variants.a.model_uri: Field required"),
+        ({"VARIANTS": '{"a": {"model_uri": "a.onnx", "shadow": true}}'}, "at least one variant must answer"),
         ({"VARIANTS": "champion=90"}, r"\"variants\" .*: Expecting value"),
         ({"MODEL_URI": "m.onnx", "DRIFT_WINDOW": "5"}, "drift_window: Input should be greater than or equal to 20"),
     ],

@@ -54,7 +54,7 @@ SERVE_IMAGE ?= cifarlab-serve
 NO_MODEL := echo "error: no runs/*/model.onnx: train one first (make train) or set MODEL_URI" >&2; exit 1
 
 serve: venv  ## the API on http://127.0.0.1:8000 (docs at /docs); uvicorn options: make serve ARGS="--port 9000"
-	@test -n "$(MODEL_URI)" || { $(NO_MODEL); }
+	@test -n "$(MODEL_URI)$(VARIANTS)" || { $(NO_MODEL); }
 	MODEL_URI="$(MODEL_URI)" $(BIN)/uvicorn serve.app:create_app --factory --host 127.0.0.1 --port 8000 --no-access-log $(ARGS)
 
 docker-build:  ## the serving image (needs a Docker engine)

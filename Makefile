@@ -51,10 +51,10 @@ compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="
 # The newest exported model unless MODEL_URI is set (a path, or models:/<name>@<alias> with MLflow installed).
 MODEL_URI ?= $(shell ls -t runs/*/model.onnx 2>/dev/null | head -n 1)
 SERVE_IMAGE ?= cifarlab-serve
-NO_MODEL := echo "error: no runs/*/model.onnx: train one first (make train) or set MODEL_URI" >&2; exit 1
+NO_MODEL := echo "error: no runs/*/model.onnx: train one first (make train) or set MODEL_URI (or VARIANTS)" >&2; exit 1
 
 serve: venv  ## the API on http://127.0.0.1:8000 (docs at /docs); uvicorn options: make serve ARGS="--port 9000"
-	@test -n "$(MODEL_URI)$(VARIANTS)" || { $(NO_MODEL); }
+	$(if $(strip $(MODEL_URI)$(VARIANTS)),,@$(NO_MODEL))
 	MODEL_URI="$(MODEL_URI)" $(BIN)/uvicorn serve.app:create_app --factory --host 127.0.0.1 --port 8000 --no-access-log $(ARGS)
 
 docker-build:  ## the serving image (needs a Docker engine)

@@ -103,10 +103,9 @@ def by_variant(records: list[FeedbackRecord]) -> dict[tuple[str, str], VariantFe
     """Feedback per (variant, role): answering variants from `variant`, shadow variants from `shadows`."""
     variants: dict[tuple[str, str], VariantFeedback] = {}
     for record in records:
-        entries = [(record.variant, "answer", record.correct, record.version)]
-        entries += [(name, "shadow", shadow["correct"], shadow["version"]) for name, shadow in record.shadows.items()]
-        for name, role, correct, version in entries:
-            variants.setdefault((name, role), VariantFeedback(name, role)).add(correct, version)
+        for position, (name, version, predicted) in enumerate(record.outcomes()):
+            role = "answer" if position == 0 else "shadow"  # outcomes() yields the answering variant first
+            variants.setdefault((name, role), VariantFeedback(name, role)).add(predicted == record.label, version)
     return variants
 
 

@@ -42,6 +42,13 @@ class ReferenceError(ValueError):
     """A reference file is missing, malformed or does not fit the model it is used with."""
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits [N, classes]: what the server answers with and the monitor observes, and
+    what the reference is computed from at export, so both sides share one definition."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
+
 def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image statistics of uint8 RGB images [N, H, W, 3], each a float64 array [N] in [0, 1].
 

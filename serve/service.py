@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from serve.batching import BatchFailed, MicroBatcher
-from serve.drift import DriftCollector, DriftMonitor, empty_report
+from serve.drift import DriftCollector, DriftMonitor, empty_report, softmax
 from serve.errors import ApiError
 from serve.feedback import (
     ConflictingFeedback,
@@ -248,8 +248,3 @@ class Service:
 
 def _fields(model: LoadedModel) -> dict[str, str]:
     return {"model_uri": model.uri, "model_version": model.version, "run_id": model.run_id, "sha256": model.sha256}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))

@@ -138,8 +138,8 @@ def register_if_not_worse(cfg: DictConfig, candidate: Path, tags: dict[str, str]
     )
     for key, value in recorded.items():
         logger.experiment.set_tag(logger.run_id, key, value)
-        if version is not None:
-            client.set_model_version_tag(cfg.model_name, version, key, value)
+    if version is not None:
+        _tag_version(client, cfg.model_name, version, recorded)
     logger.finalize("success")
     log.info(decision.describe(cfg.model_name, cfg.metric, cfg.tolerance))
     return decision

@@ -9,7 +9,7 @@ import pytest
 
 from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
-from cifarlab.export.reference import embed_reference, softmax
+from cifarlab.export.reference import embed_reference
 from serve.drift import (
     CONTINUOUS,
     REFERENCE_METADATA_KEY,
@@ -17,6 +17,7 @@ from serve.drift import (
     ReferenceError,
     build_reference,
     image_statistics,
+    softmax,
 )
 from tests.export.test_onnx import random_images
 

@@ -15,12 +15,7 @@ import onnx
 
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.runtime import atomic_destination
-from serve.drift import REFERENCE_METADATA_KEY, Reference, build_reference
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+from serve.drift import REFERENCE_METADATA_KEY, Reference, build_reference, softmax
 
 
 def compute_reference(model_path: str | os.PathLike, images: np.ndarray, sample_size: int = 2000) -> Reference:

@@ -177,6 +177,32 @@ def test_cpu_airbench_experiment():
     assert cfg.run_name == "cpu_airbench"
 
 
+def test_cpu_speedrun_is_the_speedrun_recipe_narrowed_for_a_cpu():
+    speedrun = OmegaConf.to_container(compose_config(["experiment=speedrun"]), resolve=False)
+    cpu = OmegaConf.to_container(compose_config(["experiment=cpu_speedrun"]), resolve=False)
+    changed = {
+        ("run_name",): ("speedrun", "cpu_speedrun"),
+        ("model", "net", "widths"): ([64, 256, 256], [48, 192, 192]),
+        ("trainer", "accelerator"): ("gpu", "cpu"),
+        ("trainer", "precision"): ("bf16-mixed", "32-true"),
+        ("trainer", "max_epochs"): (8, 10),
+    }
+    for keys, (gpu_value, cpu_value) in changed.items():
+        a, b = speedrun, cpu
+        for key in keys:
+            a, b = a[key], b[key]
+        assert (a, b) == (gpu_value, cpu_value), keys
+        _set(speedrun, keys, cpu_value)
+    del speedrun["hydra"], cpu["hydra"]  # the runtime choices name the experiment
+    assert cpu == speedrun  # nothing else differs: optimizer groups, schedule, augmentation, TTA
+
+
+def _set(tree: dict, keys: tuple[str, ...], value: object) -> None:
+    for key in keys[:-1]:
+        tree = tree[key]
+    tree[keys[-1]] = value
+
+
 def test_experiment_values_can_be_overridden():
     cfg = compose_config(["experiment=cpu_airbench", "data.batch_size=64", "trainer.max_epochs=1"])
     assert cfg.data.batch_size == 64

@@ -56,19 +56,23 @@ def median_seconds(call: Callable[[], object], budget: float = 1.5, min_runs: in
 
 
 def raw_numbers(net: torch.nn.Module, onnx_path: Path) -> dict[str, float]:
-    """Milliseconds per call and images per second, ONNX Runtime as the server configures it vs PyTorch eager."""
-    model = load_model(str(onnx_path), Settings(model_uri=str(onnx_path)))
+    """Milliseconds per call and images per second: ONNX Runtime as the server configures it by default (one
+    thread per core), ONNX Runtime on one thread (`ort1_`), and PyTorch eager."""
+    models = {
+        prefix: load_model(str(onnx_path), Settings(model_uri=str(onnx_path), ort_intra_op_threads=threads))
+        for prefix, threads in (("ort", 0), ("ort1", 1))
+    }
     result: dict[str, float] = {}
     for batch in (1, 64):
         images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
         tensor = torch.from_numpy(images)
-        ort_s = median_seconds(lambda: model.logits(images))  # noqa: B023 - called within the iteration
-        with torch.no_grad():
-            torch_s = median_seconds(lambda: net(tensor))  # noqa: B023
-        result[f"ort_b{batch}_ms"] = 1000 * ort_s
-        result[f"torch_b{batch}_ms"] = 1000 * torch_s
-        result[f"ort_b{batch}_ips"] = batch / ort_s
-        result[f"torch_b{batch}_ips"] = batch / torch_s
+        calls = {"torch": lambda: net(tensor)}  # noqa: B023 - called within the iteration
+        calls |= {prefix: (lambda m=model: m.logits(images)) for prefix, model in models.items()}  # noqa: B023
+        for prefix, call in calls.items():
+            with torch.no_grad():
+                seconds = median_seconds(call)
+            result[f"{prefix}_b{batch}_ms"] = 1000 * seconds
+            result[f"{prefix}_b{batch}_ips"] = batch / seconds
     result["ort_vs_torch_b1"] = result["torch_b1_ms"] / result["ort_b1_ms"]
     return result
 
@@ -218,6 +222,22 @@ def markdown(report: dict) -> str:
                     f"| {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | {row['p50_ms']:.2f} | "
                     f"{row['p99_ms']:.2f} |"
                 )
+    lines += [
+        "",
+        "## ONNX Runtime threads (our server): one per core vs one, the other core left to the event loop",
+        "",
+        "| network | threads | concurrency | req/s | p50 ms | p99 ms | raw ORT b1 ms | raw ORT b64 img/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["models"].items():
+        for setting, rows in entry.get("threads", {}).items():
+            prefix = "ort1" if setting == "1" else "ort"
+            for row in rows:
+                lines.append(
+                    f"| {name} | {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | "
+                    f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {entry['raw'][f'{prefix}_b1_ms']:.2f} | "
+                    f"{entry['raw'][f'{prefix}_b64_ips']:.0f} |"
+                )
     if "load" in report:
         load = report["load"]
         lines += [
@@ -265,6 +285,11 @@ def main() -> None:
         spin_on = http_numbers(ours(files / f"{first}.onnx", ort_spin_wait="1"), image, [1, 64], args.duration)
         spin_off = [row for row in report["models"][first]["http"]["onnx (serve/)"] if row["concurrency"] in (1, 64)]
         report["spin"] = {"off (default)": spin_off, "on": spin_on}
+        for name in args.models:
+            print(f"{name}: ONNX Runtime on one thread, a core left to the event loop", flush=True)
+            one = http_numbers(ours(files / f"{name}.onnx", ort_intra_op_threads="1"), image, [1, 64], args.duration)
+            default = [row for row in report["models"][name]["http"]["onnx (serve/)"] if row["concurrency"] in (1, 64)]
+            report["models"][name]["threads"] = {"one per core (default)": default, "1": one}
         if args.load_requests:
             print(
                 f"{first}: load run, {args.load_requests} requests at concurrency {args.load_concurrency}", flush=True

@@ -19,8 +19,11 @@ def synchronize(device: torch.device) -> None:
 
 
 class TrainingClock(Callback):
-    """Seconds from the start to the end of training (`train_seconds`) and of each epoch (`epoch_seconds`),
-    written as JSON to `path` when training ends (scripts/bench_speed.py reads it)."""
+    """Seconds from the start of fit to the end of training (`train_seconds`) and of each epoch
+    (`epoch_seconds`), written as JSON to `path` when training ends (scripts/bench_speed.py reads it).
+
+    The clock starts before the module's own fit-start work (the whitening fit, any sanity validation), which
+    the raw loop it is compared with times too."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -31,8 +34,8 @@ class TrainingClock(Callback):
         synchronize(pl_module.device)
         return time.perf_counter()
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._train_start = self._now(pl_module)
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_start = self._now(pl_module)  # callbacks' on_fit_start runs before the module's
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._now(pl_module)

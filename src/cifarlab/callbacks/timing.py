@@ -22,8 +22,8 @@ class TrainingClock(Callback):
     """Seconds from the start of fit to the end of training (`train_seconds`) and of each epoch
     (`epoch_seconds`), written as JSON to `path` when training ends (scripts/bench_speed.py reads it).
 
-    The clock starts before the module's own fit-start work (the whitening fit, any sanity validation), which
-    the raw loop it is compared with times too."""
+    The clock starts before the module's own fit-start work (the whitening fit), as the raw loop's clock does;
+    a sanity validation, where a recipe makes one, counts against the template."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)

@@ -1,0 +1,68 @@
+"""Static INT8 quantisation: cifarlab.export.quantize, and scripts/quantize.py as a user runs it."""
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata
+from cifarlab.export.quantize import QUANTIZATION_KEY, quantize_int8
+from serve.model import load_model
+from serve.settings import Settings
+from tests.conftest import run_cli
+from tests.export.test_onnx import random_images, tiny_net
+
+
+def fp32_model(folder: Path) -> Path:
+    return export_onnx(tiny_net(), folder / "model.onnx", contract_metadata(CIFAR10_CLASSES, "run-1", "ab" * 32))
+
+
+def quantize_cli(model: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/quantize.py on the committed sample, prepared beside the model (not in the repository's data/)."""
+    prepared = model.parent / "prepared"
+    return run_cli("scripts/quantize.py", "--model", str(model), "--prepared-root", str(prepared), *args)
+
+
+def test_int8_model_keeps_the_contract_and_computes_the_same_function(tmp_path: Path) -> None:
+    fp32_path = fp32_model(tmp_path)
+    int8_path = quantize_int8(fp32_path, tmp_path / "model.int8.onnx", random_images(64, seed=1))
+
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in onnx.load(str(int8_path)).graph.node}
+    metadata = read_metadata(int8_path)
+    assert {key: metadata[key] for key in read_metadata(fp32_path)} == read_metadata(fp32_path)
+    assert metadata[QUANTIZATION_KEY] == "static int8 QDQ, 64 images"
+    settings = Settings(model_uri=str(fp32_path))
+    fp32, int8 = load_model(str(fp32_path), settings), load_model(str(int8_path), settings)  # the server takes it
+    assert int8.classes == fp32.classes == tuple(CIFAR10_CLASSES) and int8.run_id == "run-1"
+
+    images = random_images(32, seed=2)
+    expected, got = fp32.logits(images), int8.logits(images)
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    assert 0 < np.abs(got - expected).max() < 0.25 * np.abs(expected).max()  # quantised, yet the same function
+
+
+def test_script_writes_the_int8_model_beside_the_fp32_one(tmp_path: Path) -> None:
+    model = fp32_model(tmp_path)
+    result = quantize_cli(model, "--calibration", "100", "--max-loss", "100")
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy on 1000 images: fp32" in result.stdout
+    assert read_metadata(tmp_path / "model.int8.onnx")[QUANTIZATION_KEY] == "static int8 QDQ, 100 images"
+
+
+def test_script_writes_nothing_when_int8_loses_too_much(tmp_path: Path) -> None:
+    model = fp32_model(tmp_path)
+    # a negative allowance demands a gain, which quantisation cannot promise: refused
+    result = quantize_cli(model, "--calibration", "50", "--max-loss=-100")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith("(--max-loss -100.0): not written")
+    assert not (tmp_path / "model.int8.onnx").exists()
+
+
+def test_script_refuses_what_is_not_an_export_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    for model, message in ((tmp_path / "nope.onnx", "no model at"), (tmp_path / "junk.onnx", "is not an ONNX model")):
+        result = quantize_cli(model)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["junk.onnx"]

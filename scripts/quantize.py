@@ -11,7 +11,6 @@ and exits 1. Serve it like any export: MODEL_URI=runs/<run id>/model.int8.onnx m
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 from cifarlab.data.prepare import SOURCE_ENV_VAR, ensure_prepared
@@ -54,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.model.with_suffix(".int8.onnx")
     dataset = ensure_prepared(args.data, args.prepared_root)
     test = dataset.test
-    with tempfile.TemporaryDirectory() as scratch:
-        candidate = quantize_int8(args.model, Path(scratch) / out.name, dataset.train.images[: args.calibration])
+    with atomic_destination(out) as candidate:  # moved to `out` only if the block ends without an error
+        quantize_int8(args.model, candidate, dataset.train.images[: args.calibration])
         fp32, int8 = (onnx_accuracy(path, test.images, test.labels) for path in (args.model, candidate))
         loss = 100 * (fp32 - int8)
         print(f"test accuracy on {len(test.labels)} images: fp32 {100 * fp32:.2f}%, int8 {100 * int8:.2f}%")
@@ -63,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(
                 f"the int8 model loses {loss:.2f} points of test accuracy (--max-loss {args.max_loss}): not written"
             )
-        with atomic_destination(out) as temp:
-            temp.write_bytes(candidate.read_bytes())
     print(f"wrote {out} ({loss:+.2f} points against fp32)")
 
 

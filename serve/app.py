@@ -1,49 +1,36 @@
 """The FastAPI app: `uvicorn serve.app:create_app --factory`, configured by environment variables (serve.settings)."""
 
 import asyncio
-import base64
-import binascii
-import hmac
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from serve.batching import BatchFailed
-from serve.errors import ApiError, ErrorBody, error_body
+from serve.auth import API_KEY_HEADER, check_api_key
+from serve.errors import ApiError, ErrorBody, describe_validation, error_body
 from serve.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
-from serve.model import LoadedModel
-from serve.preprocess import decode_batch, limit_pillow
+from serve.predict import DirectRoute, PredictHandler, TopK
+from serve.preprocess import limit_pillow
 from serve.schemas import (
-    ClassProbability,
     DriftResponse,
     FeedbackRequest,
     FeedbackResponse,
     ModelInfo,
     ModelRef,
-    Prediction,
     PredictJSON,
     PredictResponse,
     ReloadRequest,
     ReloadResponse,
     Status,
 )
-from serve.service import Answer, Service
+from serve.service import Service
 from serve.settings import Settings, load_settings
-
-INLINE_DECODE_IMAGES = 4  # at most this many images ...
-INLINE_DECODE_BYTES = 8 * 1024  # ... of at most this many bytes in all are decoded without a thread hop
-API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when API_KEY is set")
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -95,50 +82,34 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     async def require_api_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
         if settings.api_key is not None:
-            _check_key(key, settings.api_key.get_secret_value())
+            check_api_key(key, settings.api_key.get_secret_value())
 
     async def require_admin_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
         if settings.api_key is None:
             raise ApiError(403, "admin_disabled", "admin calls need API_KEY to be set on the server")
-        _check_key(key, settings.api_key.get_secret_value())
+        check_api_key(key, settings.api_key.get_secret_value())
 
-    @app.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        dependencies=[Depends(require_api_key)],
-        responses=_errors(400, 401, 413, 415, 422, 500, 503),
-        openapi_extra={"requestBody": _predict_body(settings.max_images_per_request)},
-        summary="Classify one or several images",
-    )
-    async def predict(
-        request: Request,
-        top_k: Annotated[int | None, Query(ge=1, le=1000, description="probabilities per image")] = None,
-    ) -> Response:
+    # FastAPI documents /v1/predict from this signature and the route's arguments; PredictHandler serves it
+    # (serve/predict.py says why).
+    async def predict(top_k: TopK = None) -> PredictResponse:
         """Images as multipart files (field `files`, repeated) or as JSON `{"images": [<base64>, ...]}`.
         Images that are not 32x32 are resized with Pillow's bilinear filter. With several variants, the client
         id header (default X-Client-ID) keeps a client on one variant."""
-        variant = service.assign(request.headers.get(settings.client_id_header))
-        request.state.variant = variant
-        request_id = request_id_of(request.scope)
-        with service.variants[variant].batcher.arriving():
-            names, blobs = await _read_images(request, settings.max_images_per_request)
-            images = await _decode(blobs, settings.max_image_pixels)
-        try:
-            answer = await service.predict(images, variant, request_id)
-        except BatchFailed as error:
-            raise ApiError(500, "inference_failed", str(error)) from error
-        predictions = _predictions(answer, names, top_k or settings.default_top_k)
-        request.state.log = {
-            "variant": variant,
-            "model_version": answer.model.version,
-            "labels": [p.label for p in predictions],
-            "confidences": [round(p.confidence, 4) for p in predictions],
-        }
-        body = PredictResponse(
-            request_id=request_id, variant=variant, model=_ref(answer.model), predictions=predictions
+        raise AssertionError("documentation only: PredictHandler serves this route")
+
+    app.router.routes.append(
+        DirectRoute(
+            "/v1/predict",
+            predict,
+            handler=PredictHandler(service),
+            methods=["POST"],
+            response_model=PredictResponse,
+            dependencies=[Depends(require_api_key)],
+            responses=_errors(400, 401, 413, 415, 422, 500, 503),
+            openapi_extra={"requestBody": _predict_body(settings.max_images_per_request)},
+            summary="Classify one or several images",
         )
-        # Serialised here, once: returning the model would make FastAPI validate and encode it a second time.
-        return Response(body.model_dump_json(), media_type="application/json", headers={"X-Model-Variant": variant})
+    )
 
     @app.post(
         "/v1/feedback",
@@ -192,7 +163,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def reload(body: ReloadRequest | None = None) -> ReloadResponse:
         body = body or ReloadRequest()
         old, _ = await service.reload(body.model_uri, body.variant)
-        return ReloadResponse(previous=_ref(old), model=_model_info(service, body.variant))
+        return ReloadResponse(previous=ModelRef.of(old), model=_model_info(service, body.variant))
 
     @app.get("/healthz", response_model=Status, summary="The process is alive")
     async def healthz() -> Status:
@@ -210,13 +181,6 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
 
-def _check_key(given: str | None, expected: str) -> None:
-    if not given:
-        raise ApiError(401, "missing_api_key", "this server needs an X-API-Key header")
-    if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
-        raise ApiError(401, "invalid_api_key", "the X-API-Key is not valid")
-
-
 def _predict_body(max_images: int) -> dict[str, Any]:
     files = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": max_images}
     json_schema = PredictJSON.model_json_schema()
@@ -232,98 +196,12 @@ def _predict_body(max_images: int) -> dict[str, Any]:
     }
 
 
-async def _read_images(request: Request, max_images: int) -> tuple[list[str | None], list[bytes]]:
-    """(file names, encoded images) from a multipart or JSON body."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "multipart/form-data":
-        return await _read_multipart(request, max_images)
-    if media_type == "application/json":
-        blobs = _decode_base64(_parse_json(await request.body()).images)
-        _check_count(len(blobs), max_images)
-        return [None] * len(blobs), blobs
-    raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field `files`) or application/json")
-
-
-async def _read_multipart(request: Request, max_images: int) -> tuple[list[str | None], list[bytes]]:
-    try:
-        async with request.form(max_files=max_images, max_fields=max_images) as form:
-            uploads = form.getlist("files")
-            if not all(isinstance(upload, UploadFile) for upload in uploads):
-                raise ApiError(422, "invalid_request", "the `files` field must hold file uploads")
-            _check_count(len(uploads), max_images)
-            return [u.filename for u in uploads], [await u.read() for u in uploads]  # type: ignore[union-attr]
-    except ApiError:
-        raise
-    except HTTPException as error:  # Starlette's multipart parser; it counts files as it parses
-        if "too many files" in str(error.detail).lower():
-            raise ApiError(422, "too_many_images", f"at most {max_images} images per request") from error
-        raise ApiError(400, "invalid_multipart", str(error.detail)) from error
-
-
-def _parse_json(body: bytes) -> PredictJSON:
-    try:
-        return PredictJSON.model_validate_json(body)
-    except ValidationError as error:
-        if any(e["type"] == "json_invalid" for e in error.errors()):
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from error
-        raise ApiError(422, "invalid_request", _describe(error.errors())) from error
-
-
-def _decode_base64(encoded: list[str]) -> list[bytes]:
-    blobs = []
-    for index, text in enumerate(encoded):
-        payload = text.split(",", 1)[1] if text.startswith("data:") else text
-        try:
-            blobs.append(base64.b64decode(payload, validate=True))
-        except (binascii.Error, ValueError) as error:
-            raise ApiError(422, "invalid_base64", f"image {index} is not valid base64: {error}") from error
-    return blobs
-
-
-async def _decode(blobs: list[bytes], max_pixels: int) -> np.ndarray:
-    """Decode on the event loop when the images are small (32x32 uploads: ~0.2 ms each, less than the hop to a
-    thread and back), on a worker thread otherwise, so large uploads never stall other requests."""
-    if len(blobs) <= INLINE_DECODE_IMAGES and sum(map(len, blobs)) <= INLINE_DECODE_BYTES:
-        return decode_batch(blobs, max_pixels)
-    return await asyncio.to_thread(decode_batch, blobs, max_pixels)
-
-
-def _check_count(count: int, max_images: int) -> None:
-    if count == 0:
-        raise ApiError(422, "no_images", "send at least one image")
-    if count > max_images:
-        raise ApiError(422, "too_many_images", f"{count} images; at most {max_images} per request")
-
-
-def _predictions(answer: Answer, names: list[str | None], top_k: int) -> list[Prediction]:
-    model = answer.model
-    top_k = min(top_k, len(model.classes))
-    order = np.argsort(-answer.probabilities, axis=1, kind="stable")[:, :top_k]
-    predictions = []
-    for row, name, ranked in zip(answer.probabilities, names, order, strict=True):
-        top = [ClassProbability(label=model.classes[i], class_index=int(i), probability=float(row[i])) for i in ranked]
-        predictions.append(
-            Prediction(
-                label=top[0].label,
-                class_index=top[0].class_index,
-                confidence=top[0].probability,
-                top_k=top,
-                filename=name,
-            )
-        )
-    return predictions
-
-
 def _model_info(service: Service, variant_name: str | None) -> ModelInfo:
     variant = service.variant(variant_name)
     share = service.router.shares()[variant.name]
     return ModelInfo(
         **variant.current().describe(), variant=variant.name, shadow=variant.spec.shadow, traffic_share=share
     )
-
-
-def _ref(model: LoadedModel) -> ModelRef:
-    return ModelRef(name=model.name, version=model.version, run_id=model.run_id)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -348,13 +226,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         if any(e.get("type") == "json_invalid" for e in error.errors()):
             return respond(request, 400, "invalid_json", "the body is not valid JSON")
-        return respond(request, 422, "invalid_request", _describe(error.errors()))
+        return respond(request, 422, "invalid_request", describe_validation(error.errors()))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         app.state.service.log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
         return respond(request, 500, "internal_error", "internal error; see the server log for this request id")
-
-
-def _describe(errors: Any) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)

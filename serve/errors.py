@@ -1,5 +1,7 @@
 """The one error type handlers raise; the app turns it into a JSON body with the request id."""
 
+from typing import Any
+
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -30,3 +32,8 @@ class ErrorBody(BaseModel):
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, object]:
     return ErrorBody(error=ErrorDetail(code=code, message=message), request_id=request_id).model_dump()
+
+
+def describe_validation(errors: Any) -> str:
+    """One line from pydantic's (or FastAPI's) validation errors: `loc: message; ...`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)

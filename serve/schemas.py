@@ -1,8 +1,11 @@
 """Request and response bodies of the API, as they appear in its OpenAPI schema."""
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from serve.model import LoadedModel
 
 
 class PredictJSON(BaseModel):
@@ -30,6 +33,10 @@ class ModelRef(BaseModel):
     name: str
     version: str
     run_id: str
+
+    @classmethod
+    def of(cls, model: "LoadedModel") -> Self:
+        return cls(name=model.name, version=model.version, run_id=model.run_id)
 
 
 class PredictResponse(BaseModel):

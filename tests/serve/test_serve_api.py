@@ -233,6 +233,23 @@ def test_broken_multipart_is_a_4xx(client):
     assert_error(client.post("/v1/predict", content=b"--xyz\r\nbroken", headers=garbage), 422, "no_images")
 
 
+def test_multipart_parts_are_read_as_the_form_says(client):
+    """Only the `files` field is classified, in order, with its file names (UTF-8); uploads in other fields and
+    plain fields are dropped, but every upload counts against the per-request limit (8 here)."""
+    named = [("files", ("chat-é.png", png(), "image/png")), ("note", (None, "a plain field")), *files(png())]
+    response = client.post("/v1/predict", files=[*named, ("other", ("x.png", png(), "image/png"))])
+    assert response.status_code == 200, response.text
+    assert [p["filename"] for p in response.json()["predictions"]] == ["chat-é.png", "0.png"]
+    others = [("other", (f"{i}.png", png(), "image/png")) for i in range(8)]
+    assert_error(client.post("/v1/predict", files=[*files(png()), *others]), 422, "too_many_images")
+
+
+def test_a_part_without_a_name_is_400(client):
+    body = b'--xyz\r\nContent-Disposition: form-data; filename="a.png"\r\n\r\n' + png() + b"\r\n--xyz--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    assert_error(client.post("/v1/predict", content=body, headers=headers), 400, "invalid_multipart")
+
+
 def test_bad_query_parameter_is_422(client):
     assert_error(client.post("/v1/predict", params={"top_k": "zero"}, files=files(png())), 422, "invalid_request")
     assert_error(client.post("/v1/predict", params={"top_k": 0}, files=files(png())), 422, "invalid_request")

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve quantize mlflow-server promote
+.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve bench-overhead quantize mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ docker-smoke:  ## run the image on the newest model, check /readyz and one predi
 
 bench-serve: venv  ## serving benchmark: ONNX Runtime server vs a PyTorch-eager baseline, writes JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
+
+bench-overhead: venv  ## CPU time per request besides the model, both servers, in-process; writes JSON + Markdown
+	$(BIN)/python -m benchmarks.serving.overhead $(ARGS)
 
 quantize: venv  ## static INT8 copy of an export, kept if it holds its test accuracy: make quantize ARGS="--model runs/<id>/model.onnx"
 	$(BIN)/python scripts/quantize.py $(ARGS)

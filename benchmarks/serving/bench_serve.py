@@ -2,12 +2,13 @@
 same machine, same load generator. Writes JSON and a Markdown table.
 
     python -m benchmarks.serving.bench_serve            # make bench-serve
-    python -m benchmarks.serving.bench_serve --models airbench --duration 3 --load-requests 2000
+    python -m benchmarks.serving.bench_serve --models airbench --duration 3 --repeats 1 --load-requests 2000
 
 Measures, per network (airbench, resnet18; untrained weights, which do not change speed):
 raw ONNX Runtime at batch 1 and 64 and PyTorch eager at batch 1 and 64; p50/p99 latency and throughput through
 HTTP at each concurrency for both servers; ONNX Runtime spin-waiting on vs off; and a long load run with the
-server's resident memory sampled every 1,000 requests.
+server's resident memory sampled every 1,000 requests. The raw and HTTP measurements are repeated (--repeats)
+and reported as medians: on a shared machine one pass can be a third slower than the next.
 """
 
 import argparse
@@ -129,6 +130,38 @@ def http_numbers(spec: tuple, image: bytes, concurrencies: list[int], duration: 
     return rows
 
 
+def median_of_passes(passes: list[dict]) -> dict:
+    """Each raw number and each HTTP figure as its median over the passes. The passes run one after the other,
+    each raw measurement next to its HTTP runs, so a noisy minute moves one pass, not the table."""
+    raw = {key: statistics.median(p["raw"][key] for p in passes) for key in passes[0]["raw"]}
+    http = {server: median_rows([p["http"][server] for p in passes]) for server in passes[0]["http"]}
+    return {"raw": raw, "http": http}
+
+
+def median_rows(passes: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Rows of HTTP figures (one list per pass, the same concurrencies in each): medians; requests and errors
+    summed."""
+    merged = []
+    for rows in zip(*passes, strict=True):
+        row = {key: statistics.median(r[key] for r in rows) for key in ("throughput_rps", "p50_ms", "p99_ms")}
+        row["concurrency"] = rows[0]["concurrency"]
+        row["requests"] = sum(r["requests"] for r in rows)
+        row["errors"] = sum(r["errors"] for r in rows)
+        merged.append(row)
+    return merged
+
+
+def compare_settings(specs: dict[str, tuple], image: bytes, duration: float, repeats: int) -> dict[str, list]:
+    """Our server under each setting at concurrency 1 and 64, the settings taking turns within every pass (so
+    each is measured next to the others); medians over the passes."""
+    passes: dict[str, list[list[dict[str, float]]]] = {label: [] for label in specs}
+    for _ in range(repeats):
+        for label, spec in specs.items():
+            print(f"  {label}", flush=True)
+            passes[label].append(http_numbers(spec, image, [1, 64], duration))
+    return {label: median_rows(rows) for label, rows in passes.items()}
+
+
 def load_run(spec: tuple, image: bytes, total: int, concurrency: int) -> dict[str, object]:
     """`total` requests at `concurrency`; the server's RSS after every 1,000."""
     app, env, probe, path = spec
@@ -178,8 +211,9 @@ def markdown(report: dict) -> str:
         f"# Serving benchmark ({report['machine']})",
         "",
         "Untrained weights (speed does not depend on them). One uvicorn worker per server; the load generator "
-        "runs on the same machine. Medians of wall time; the machine may be shared, so treat small "
-        "differences as noise.",
+        f"runs on the same machine. Every table but the load run shows medians over {report['repeats']} passes: "
+        "in each, the raw model and then both servers, or the settings compared, one after the other. The "
+        "machine may be shared, so treat small differences as noise.",
         "",
         "## Raw model, one process",
         "",
@@ -256,13 +290,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["airbench", "resnet18"], choices=["airbench", "resnet18"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="passes over the raw and HTTP measurements; the tables show medians"
+    )
     parser.add_argument("--load-requests", type=int, default=10_000, help="0 skips the load run")
     parser.add_argument("--load-concurrency", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving" / "results")
     args = parser.parse_args()
+    if 0 < args.load_requests < 2000:
+        parser.error("--load-requests: 0 (no load run) or at least 2000; memory is sampled every 1,000 requests")
     torch.manual_seed(0)
     image = test_image()
-    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "models": {}}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    report: dict = {"machine": machine, "repeats": args.repeats, "models": {}}
     with tempfile.TemporaryDirectory() as scratch:
         files = Path(scratch)
         for name in args.models:
@@ -271,25 +311,27 @@ def main() -> None:
                 net, files / f"{name}.onnx", contract_metadata(CIFAR10_CLASSES, f"bench-{name}", "0" * 64)
             )
             torch.save(net.state_dict(), files / f"{name}.pt")
-            print(f"{name}: raw model", flush=True)
-            entry = {"raw": raw_numbers(net, onnx_path), "http": {}}
-            for server_name, spec in (
-                ("onnx (serve/)", ours(onnx_path)),
-                ("torch baseline", baseline(name, files / f"{name}.pt")),
-            ):
-                print(f"  {server_name}", flush=True)
-                entry["http"][server_name] = http_numbers(spec, image, args.concurrency, args.duration)
-            report["models"][name] = entry
+            passes = []
+            for repeat in range(args.repeats):
+                print(f"{name}, pass {repeat + 1} of {args.repeats}: raw model", flush=True)
+                one = {"raw": raw_numbers(net, onnx_path), "http": {}}
+                for server_name, spec in (
+                    ("onnx (serve/)", ours(onnx_path)),
+                    ("torch baseline", baseline(name, files / f"{name}.pt")),
+                ):
+                    print(f"  {server_name}", flush=True)
+                    one["http"][server_name] = http_numbers(spec, image, args.concurrency, args.duration)
+                passes.append(one)
+            report["models"][name] = {**median_of_passes(passes), "passes": passes}
         first = args.models[0]
-        print(f"{first}: spin-waiting on", flush=True)
-        spin_on = http_numbers(ours(files / f"{first}.onnx", ort_spin_wait="1"), image, [1, 64], args.duration)
-        spin_off = [row for row in report["models"][first]["http"]["onnx (serve/)"] if row["concurrency"] in (1, 64)]
-        report["spin"] = {"off (default)": spin_off, "on": spin_on}
+        print(f"{first}: ONNX Runtime spin-waiting off vs on", flush=True)
+        spin = {"off (default)": ours(files / f"{first}.onnx"), "on": ours(files / f"{first}.onnx", ort_spin_wait="1")}
+        report["spin"] = compare_settings(spin, image, args.duration, args.repeats)
         for name in args.models:
-            print(f"{name}: ONNX Runtime on one thread, a core left to the event loop", flush=True)
-            one = http_numbers(ours(files / f"{name}.onnx", ort_intra_op_threads="1"), image, [1, 64], args.duration)
-            default = [row for row in report["models"][name]["http"]["onnx (serve/)"] if row["concurrency"] in (1, 64)]
-            report["models"][name]["threads"] = {"one per core (default)": default, "1": one}
+            print(f"{name}: ONNX Runtime threads, one per core vs one (a core left to the event loop)", flush=True)
+            model = files / f"{name}.onnx"
+            threads = {"one per core (default)": ours(model), "1": ours(model, ort_intra_op_threads="1")}
+            report["models"][name]["threads"] = compare_settings(threads, image, args.duration, args.repeats)
         if args.load_requests:
             print(
                 f"{first}: load run, {args.load_requests} requests at concurrency {args.load_concurrency}", flush=True

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per call; 0: one per core")
     ort_spin_wait: bool = Field(
         False,
-        description="let ONNX Runtime's threads spin between calls (off: they would steal the event loop's cores)",
+        description="let ONNX Runtime's threads spin between calls: a lone request is answered sooner, but idle "
+        "threads burn CPU the event loop and the host could use, and it is no faster under load (make bench-serve)",
     )
     variant: str = Field("default", pattern=VARIANT_NAME, description="the variant name of MODEL_URI's model")
     variants: dict[str, VariantSpec] = Field(

@@ -7,8 +7,8 @@ same machine, same load generator. Writes JSON and a Markdown table.
 Measures, per network (airbench, resnet18; untrained weights, which do not change speed):
 raw ONNX Runtime at batch 1 and 64 and PyTorch eager at batch 1 and 64; p50/p99 latency and throughput through
 HTTP at each concurrency for both servers; ONNX Runtime spin-waiting on vs off; and a long load run with the
-server's resident memory sampled every 1,000 requests. The raw and HTTP measurements are repeated (--repeats)
-and reported as medians: on a shared machine one pass can be a third slower than the next.
+server's resident memory sampled every 1,000 requests. Every measurement but the load run is repeated
+(--repeats) and reported as its median: on a shared machine one pass can be a third slower than the next.
 """
 
 import argparse

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from starlette.types import ASGIApp
 
 from benchmarks.serving.bench_serve import ROOT, test_image
 from benchmarks.serving.loadgen import multipart_request
@@ -34,7 +35,6 @@ from cifarlab.export.onnx import contract_metadata, export_onnx
 from serve.app import create_app
 from serve.settings import Settings
 
-ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 BLOCKS = 7
 
 
@@ -81,9 +81,10 @@ async def call(app: ASGIApp, scope: dict[str, Any], body: bytes) -> int:
     return status
 
 
-async def measure(app: ASGIApp, path: str, requests: int, concurrency: int) -> dict[str, float]:
+async def measure(
+    app: ASGIApp, scope: dict[str, Any], body: bytes, requests: int, concurrency: int
+) -> dict[str, float]:
     """CPU milliseconds per request: the median and the spread over BLOCKS blocks, after a warm-up."""
-    scope, body = http_scope(path, multipart_request("127.0.0.1", 8000, path, test_image()))
     rounds = max(1, requests // BLOCKS // concurrency)
 
     async def block() -> float:
@@ -91,7 +92,7 @@ async def measure(app: ASGIApp, path: str, requests: int, concurrency: int) -> d
         for _ in range(rounds):
             statuses = await asyncio.gather(*(call(app, scope, body) for _ in range(concurrency)))
             if set(statuses) != {200}:
-                raise RuntimeError(f"{path} answered {sorted(set(statuses))}")
+                raise RuntimeError(f"{scope['path']} answered {sorted(set(statuses))}")
         return 1000 * (time.process_time() - started) / (rounds * concurrency)
 
     await block()  # warm-up
@@ -187,12 +188,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving" / "results")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "servers": {}}
+    image = test_image()
     with tempfile.TemporaryDirectory() as scratch:
         for name, (factory, path) in servers(Path(scratch)).items():
             app = factory()
+            scope, body = http_scope(path, multipart_request("127.0.0.1", 8000, path, image))
 
-            async def run(app: ASGIApp = app, path: str = path) -> list[dict[str, float]]:
-                return [await measure(app, path, args.requests, c) for c in args.concurrency]
+            async def run(app: ASGIApp = app, scope: dict = scope, body: bytes = body) -> list[dict[str, float]]:
+                return [await measure(app, scope, body, args.requests, c) for c in args.concurrency]
 
             report["servers"][name] = run_loop(with_lifespan(app, run))
             for row in report["servers"][name]:

@@ -9,6 +9,7 @@ version. Anything that fails before the decision (a missing alias, an evaluation
 """
 
 import getpass
+import hashlib
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from cifarlab.errors import UserError
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"  # the file mlflow.onnx.log_model writes inside the logged model
+ONNX_SHA256_TAG = "onnx_sha256"  # on each registered version (cifarlab.tracking): its exported file's digest
 
 
 class RegistryError(UserError):
@@ -80,10 +82,13 @@ class Registration:
     registered: bool
     version: str | None  # the candidate's new version, when registered
     champion_version: str | None  # None when there was no champion
-    candidate_score: float
+    candidate_score: float | None  # None when the candidate was registered before (it is not scored again)
     champion_score: float | None
+    existing_version: str | None = None  # the version that already holds the same ONNX file
 
     def describe(self, name: str, metric: str, tolerance: float) -> str:
+        if self.existing_version is not None:
+            return f"did not register the candidate: {name} version {self.existing_version} is the same ONNX file"
         candidate = f"candidate ({metric} {self.candidate_score:.4f})"
         if self.champion_version is None:
             return f"registered the {candidate} as {name} version {self.version} (challenger): there is no champion"
@@ -105,15 +110,23 @@ def champion_version(cfg: DictConfig) -> str | None:
 def register_if_not_worse(cfg: DictConfig, candidate: Path, tags: dict[str, str] | None = None) -> Registration:
     """Score the `candidate` ONNX file and the champion on the same test data (eval.py's code path); register the
     candidate as a new version aliased `challenger` only if its `cfg.metric` is at least the champion's minus
-    `cfg.tolerance` (no champion: always). The champion alias is never moved: promotion is a separate, reviewed
-    step. The decision and `tags` are recorded on an MLflow run named `retrain` (and on the new version)."""
+    `cfg.tolerance` (no champion: always). A candidate that a version already holds (a retraining that found
+    nothing new) is neither scored nor registered again. The champion alias is never moved: promotion is a
+    separate, reviewed step. The decision and `tags` are recorded on an MLflow run named `retrain` (and on the new
+    version)."""
     from cifarlab.tracking import log_run_end, mlflow_logger  # torch: see _score_onnx
 
     client = _client(cfg)
     champion = _aliased_or_none(client, cfg.model_name, cfg.champion_alias)
-    candidate_score = _score_onnx(cfg, candidate, f"the candidate {candidate}")
-    champion_score = None if champion is None else _score(cfg, champion)
-    registered = champion_score is None or candidate_score >= champion_score - cfg.tolerance
+    existing = _version_holding(client, cfg.model_name, candidate)
+    if existing is None:
+        candidate_score: float | None = _score_onnx(cfg, candidate, f"the candidate {candidate}")
+        champion_score = None if champion is None else _score(cfg, champion)
+    else:
+        candidate_score = champion_score = None
+    registered = existing is None and (
+        champion_score is None or cast(float, candidate_score) >= champion_score - cfg.tolerance
+    )
     logger = mlflow_logger(
         cfg.tracking_uri,
         experiment_name=cfg.experiment_name,
@@ -122,15 +135,21 @@ def register_if_not_worse(cfg: DictConfig, candidate: Path, tags: dict[str, str]
     )
     version = log_run_end(logger, candidate.parent, candidate, None) if registered else None
     decision = Registration(
-        registered, version, None if champion is None else str(champion.version), candidate_score, champion_score
+        registered,
+        version,
+        None if champion is None else str(champion.version),
+        candidate_score,
+        champion_score,
+        existing,
     )
     recorded = _stamped(
         "retrain",
         {
-            "decision": "registered" if registered else "rejected",
+            "decision": "registered" if registered else "unchanged" if existing else "rejected",
             "metric": cfg.metric,
             "tolerance": str(cfg.tolerance),
-            "candidate_score": f"{candidate_score:.6f}",
+            "candidate_score": "none" if candidate_score is None else f"{candidate_score:.6f}",
+            "existing_version": existing or "none",
             "champion_version": decision.champion_version or "none",
             "champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
             **(tags or {}),
@@ -143,6 +162,20 @@ def register_if_not_worse(cfg: DictConfig, candidate: Path, tags: dict[str, str]
     logger.finalize("success")
     log.info(decision.describe(cfg.model_name, cfg.metric, cfg.tolerance))
     return decision
+
+
+def _version_holding(client: MlflowClient, name: str, onnx_path: Path) -> str | None:
+    """The version of `name` registered from a byte-identical ONNX file (by the tag tracking sets), if any."""
+    digest = file_sha256(onnx_path)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as error:
+        raise RegistryError(f"cannot read the registry at {client.tracking_uri}: {_first_line(error)}") from error
+    return next((str(v.version) for v in versions if v.tags.get(ONNX_SHA256_TAG) == digest), None)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _client(cfg: DictConfig) -> MlflowClient:

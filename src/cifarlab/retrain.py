@@ -5,8 +5,9 @@
 2. `dvc add data/feedback` versions it; `dvc repro` reruns prepare (which adds it to the training split only),
    train and evaluate.
 3. The new model and the registry's champion are scored on the same held-out test split; the model becomes a new
-   `challenger` version only if it is no worse (cifarlab.registry.register_if_not_worse). Promotion to champion
-   stays a separate, reviewed step (scripts/promote.py).
+   `challenger` version only if it is no worse, and only if no version holds the same file already (with no new
+   feedback, `dvc repro` leaves the model as it was) (cifarlab.registry.register_if_not_worse). Promotion to
+   champion stays a separate, reviewed step (scripts/promote.py).
 
 The outcome is written to `summary_path` as JSON and returned as one line.
 """

@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.entities import Param
 
+from cifarlab.registry import ONNX_SHA256_TAG, file_sha256
+
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
 CHAMPION_ALIAS = "champion"  # the registered model version production serves
@@ -101,6 +103,7 @@ def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, che
     registered_name = getattr(logger, "registered_model_name", None)
     version = _log_onnx_model(logger, onnx_path, registered_name)
     if version is not None:
+        client.set_model_version_tag(registered_name, version, ONNX_SHA256_TAG, file_sha256(onnx_path))
         # The newest model is what is being tried; scripts/promote.py decides whether it becomes the champion.
         client.set_registered_model_alias(registered_name, CHALLENGER_ALIAS, version)
     return version

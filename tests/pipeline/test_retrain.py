@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from cifarlab.errors import UserError
 from cifarlab.export.onnx import export_onnx, read_metadata
-from cifarlab.registry import RegistryError, register_if_not_worse
+from cifarlab.registry import ONNX_SHA256_TAG, RegistryError, file_sha256, register_if_not_worse
 from cifarlab.retrain import merge_feedback, retrain, run_dvc
 from serve.feedback import FeedbackStore, Prediction, RecentPredictions
 from tests.conftest import CONFIGS, ROOT
@@ -130,6 +130,27 @@ def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
     assert recorded["feedback"]["new"] == 4 and recorded["test_images"] == 1000
     test_metrics = json.loads((repo / "reports" / "test_metrics.json").read_text())
     assert recorded["candidate_score"] == pytest.approx(test_metrics["acc"])  # the evaluate stage's score
+
+
+def test_retraining_with_nothing_new_registers_nothing_again(pipeline_repo, mlflow_server, feedback, first):
+    repo, name = pipeline_repo, FIRST
+    client = MlflowClient(mlflow_server)
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert version.tags[ONNX_SHA256_TAG] == file_sha256(repo / "models" / "model.onnx")
+
+    with retrain_config(repo, mlflow_server, feedback, f"model_name={name}") as cfg:
+        line, experiment = retrain(cfg), client.get_experiment_by_name(cfg.experiment_name)
+    assert line == (
+        "0 new feedback image(s), 4 in training; did not register the candidate: "
+        f"{name} version {version.version} is the same ONNX file"
+    )
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert aliases(mlflow_server, name) == {"challenger": version.version}
+    recorded = summary(repo)
+    assert not recorded["registered"] and recorded["version"] is None
+    assert recorded["existing_version"] == version.version and recorded["candidate_score"] is None
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`retrain.decision` = 'unchanged'")
+    assert run.data.tags["retrain.existing_version"] == version.version
 
 
 def test_a_worse_candidate_is_not_registered_unless_within_tolerance(

@@ -68,10 +68,10 @@ docker-smoke:  ## run the image on the newest model, check /readyz and one predi
 		|| { docker logs cifarlab-serve-smoke; docker stop cifarlab-serve-smoke; exit 1; }
 	docker stop cifarlab-serve-smoke
 
-bench-serve: venv  ## serving benchmark: ONNX Runtime server vs a PyTorch-eager baseline, writes JSON + Markdown
+bench-serve: venv  ## serving benchmark: serve/ vs a PyTorch-eager baseline and a bare floor; JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
 
-bench-overhead: venv  ## CPU time per request besides the model, both servers, in-process; writes JSON + Markdown
+bench-overhead: venv  ## CPU time per request besides the model, each server, in-process; writes JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.overhead $(ARGS)
 
 quantize: venv  ## static INT8 copy of an export, kept if it holds its test accuracy: make quantize ARGS="--model runs/<id>/model.onnx"

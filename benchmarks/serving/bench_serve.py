@@ -1,12 +1,12 @@
-"""Serving benchmark: the ONNX Runtime service (serve/) against a FastAPI + PyTorch-eager baseline, same run,
-same machine, same load generator. Writes JSON and a Markdown table.
+"""Serving benchmark: the ONNX Runtime service (serve/) against a FastAPI + PyTorch-eager baseline and a bare
+ASGI floor (floor_server.py), same run, same machine, same load generator. Writes JSON and a Markdown table.
 
     python -m benchmarks.serving.bench_serve            # make bench-serve
     python -m benchmarks.serving.bench_serve --models airbench --duration 3 --repeats 1 --load-requests 2000
 
 Measures, per network (airbench, resnet18; untrained weights, which do not change speed):
 raw ONNX Runtime at batch 1 and 64 and PyTorch eager at batch 1 and 64; p50/p99 latency and throughput through
-HTTP at each concurrency for both servers; ONNX Runtime spin-waiting on vs off; and a long load run with the
+HTTP at each concurrency for the three servers; ONNX Runtime spin-waiting on vs off; and a long load run with the
 server's resident memory sampled every 1,000 requests. Every measurement but the load run is repeated
 (--repeats) and reported as its median: on a shared machine one pass can be a third slower than the next.
 """
@@ -41,6 +41,7 @@ from serve.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
 HOST = "127.0.0.1"
+BASELINE = "torch baseline"
 
 
 def median_seconds(call: Callable[[], object], budget: float = 1.5, min_runs: int = 10) -> float:
@@ -111,6 +112,10 @@ def server(app: list[str], env: dict[str, str], probe: str) -> Iterator[tuple[in
 def ours(model: Path, **settings: str) -> tuple[list[str], dict[str, str], str, str]:
     env = {"MODEL_URI": str(model), **{k.upper(): v for k, v in settings.items()}}
     return ["serve.app:create_app", "--factory"], env, "/readyz", "/v1/predict"
+
+
+def floor(model: Path) -> tuple[list[str], dict[str, str], str, str]:
+    return ["benchmarks.serving.floor_server:app"], {"MODEL_URI": str(model)}, "/readyz", "/v1/predict"
 
 
 def baseline(net: str, weights: Path) -> tuple[list[str], dict[str, str], str, str]:
@@ -212,7 +217,7 @@ def markdown(report: dict) -> str:
         "",
         "Untrained weights (speed does not depend on them). One uvicorn worker per server; the load generator "
         f"runs on the same machine. Every table but the load run shows medians over {report['repeats']} passes: "
-        "in each, the raw model and then both servers, or the settings compared, one after the other. The "
+        "in each, the raw model and then the three servers, or the settings compared, one after the other. The "
         "machine may be shared, so treat small differences as noise.",
         "",
         "## Raw model, one process",
@@ -230,17 +235,27 @@ def markdown(report: dict) -> str:
         "",
         "## Through HTTP (one JPEG per request)",
         "",
-        "| network | server | concurrency | req/s | p50 ms | p99 ms | errors | vs raw ORT b64 | p99 / (c / req/s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "The floor is uvicorn and a bare ASGI callable around the service's decoder, micro-batcher and model, "
+        "without FastAPI, validation, logs or metrics (benchmarks/serving/floor_server.py): the distance from it "
+        "to raw ONNX Runtime is the machine's, uvicorn's and the decoder's; from the service to it, ours.",
+        "",
+        "p50 - raw b1: over its own runtime at batch 1 (PyTorch for the baseline, ONNX Runtime for the others).",
+        "",
+        "| network | server | concurrency | req/s | p50 ms | p50 - raw b1 ms | p99 ms | errors | vs raw ORT b64 "
+        "| p99 / (c / req/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["models"].items():
         for server_name, rows in entry["http"].items():
             for row in rows:
                 ratio = row["throughput_rps"] / entry["raw"]["ort_b64_ips"]
                 bound = row["p99_ms"] / (1000 * row["concurrency"] / max(row["throughput_rps"], 1e-9))
+                raw_b1 = entry["raw"]["torch_b1_ms" if server_name == BASELINE else "ort_b1_ms"]
+                over_raw = f"{row['p50_ms'] - raw_b1:+.2f}" if row["concurrency"] == 1 else "-"
                 lines.append(
                     f"| {name} | {server_name} | {row['concurrency']} | {row['throughput_rps']:.0f} | "
-                    f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']} | {ratio:.2f}x | {bound:.2f} |"
+                    f"{row['p50_ms']:.2f} | {over_raw} | {row['p99_ms']:.2f} | {row['errors']} | {ratio:.2f}x | "
+                    f"{bound:.2f} |"
                 )
     if "spin" in report:
         lines += [
@@ -256,22 +271,22 @@ def markdown(report: dict) -> str:
                     f"| {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | {row['p50_ms']:.2f} | "
                     f"{row['p99_ms']:.2f} |"
                 )
-    lines += [
-        "",
-        "## ONNX Runtime threads (our server): one per core vs one, the other core left to the event loop",
-        "",
-        "| network | threads | concurrency | req/s | p50 ms | p99 ms | raw ORT b1 ms | raw ORT b64 img/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in report["models"].items():
-        for setting, rows in entry.get("threads", {}).items():
-            prefix = "ort1" if setting == "1" else "ort"
-            for row in rows:
-                lines.append(
-                    f"| {name} | {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | "
-                    f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {entry['raw'][f'{prefix}_b1_ms']:.2f} | "
-                    f"{entry['raw'][f'{prefix}_b64_ips']:.0f} |"
-                )
+        lines += [  # measured with spin-waiting (compare_ort_settings)
+            "",
+            "## ONNX Runtime threads (our server): one per core vs one, the other core left to the event loop",
+            "",
+            "| network | threads | concurrency | req/s | p50 ms | p99 ms | raw ORT b1 ms | raw ORT b64 img/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, entry in report["models"].items():
+            for setting, rows in entry["threads"].items():
+                prefix = "ort1" if setting == "1" else "ort"
+                for row in rows:
+                    lines.append(
+                        f"| {name} | {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | "
+                        f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {entry['raw'][f'{prefix}_b1_ms']:.2f} | "
+                        f"{entry['raw'][f'{prefix}_b64_ips']:.0f} |"
+                    )
     if "load" in report:
         load = report["load"]
         lines += [
@@ -285,8 +300,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="serving benchmark: serve/ vs a PyTorch-eager baseline")
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="serving benchmark: serve/ vs a PyTorch-eager baseline and a floor")
     parser.add_argument("--models", nargs="+", default=["airbench", "resnet18"], choices=["airbench", "resnet18"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -295,8 +310,14 @@ def main() -> None:
     )
     parser.add_argument("--load-requests", type=int, default=10_000, help="0 skips the load run")
     parser.add_argument("--load-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--settings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare ONNX Runtime spin-waiting on vs off and one thread vs one per core",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if 0 < args.load_requests < 2000:
         parser.error("--load-requests: 0 (no load run) or at least 2000; memory is sampled every 1,000 requests")
     torch.manual_seed(0)
@@ -317,21 +338,16 @@ def main() -> None:
                 one = {"raw": raw_numbers(net, onnx_path), "http": {}}
                 for server_name, spec in (
                     ("onnx (serve/)", ours(onnx_path)),
-                    ("torch baseline", baseline(name, files / f"{name}.pt")),
+                    ("bare ASGI floor", floor(onnx_path)),
+                    (BASELINE, baseline(name, files / f"{name}.pt")),
                 ):
                     print(f"  {server_name}", flush=True)
                     one["http"][server_name] = http_numbers(spec, image, args.concurrency, args.duration)
                 passes.append(one)
             report["models"][name] = {**median_of_passes(passes), "passes": passes}
         first = args.models[0]
-        print(f"{first}: ONNX Runtime spin-waiting off vs on", flush=True)
-        spin = {"off (default)": ours(files / f"{first}.onnx"), "on": ours(files / f"{first}.onnx", ort_spin_wait="1")}
-        report["spin"] = compare_settings(spin, image, args.duration, args.repeats)
-        for name in args.models:
-            print(f"{name}: ONNX Runtime threads, one per core vs one (a core left to the event loop)", flush=True)
-            model = files / f"{name}.onnx"
-            threads = {"one per core (default)": ours(model), "1": ours(model, ort_intra_op_threads="1")}
-            report["models"][name]["threads"] = compare_settings(threads, image, args.duration, args.repeats)
+        if args.settings:
+            compare_ort_settings(report, files, image, args.duration, args.repeats)
         if args.load_requests:
             print(
                 f"{first}: load run, {args.load_requests} requests at concurrency {args.load_concurrency}", flush=True
@@ -342,6 +358,21 @@ def main() -> None:
     (args.out / "serve.md").write_text(markdown(report))
     print(markdown(report))
     print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.md'}")
+    return report
+
+
+def compare_ort_settings(report: dict, files: Path, image: bytes, duration: float, repeats: int) -> None:
+    """Spin-waiting off vs on (the first network), one ONNX Runtime thread vs one per core (each network)."""
+    names = list(report["models"])
+    print(f"{names[0]}: ONNX Runtime spin-waiting off vs on", flush=True)
+    model = files / f"{names[0]}.onnx"
+    spin = {"off (default)": ours(model), "on": ours(model, ort_spin_wait="1")}
+    report["spin"] = compare_settings(spin, image, duration, repeats)
+    for name in names:
+        print(f"{name}: ONNX Runtime threads, one per core vs one (a core left to the event loop)", flush=True)
+        model = files / f"{name}.onnx"
+        threads = {"one per core (default)": ours(model), "1": ours(model, ort_intra_op_threads="1")}
+        report["models"][name]["threads"] = compare_settings(threads, image, duration, repeats)
 
 
 if __name__ == "__main__":

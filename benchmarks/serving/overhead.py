@@ -3,13 +3,13 @@
     python -m benchmarks.serving.overhead               # make bench-overhead
     python -m benchmarks.serving.overhead --requests 700
 
-Both servers, the service (serve/) and the FastAPI + PyTorch-eager baseline, answer the same JPEG with the null
-network (benchmarks/serving/nets.py: ten input values as the logits), called straight through their ASGI apps
-on the event loop uvicorn uses (uvloop): no sockets, no load generator. What is left is the web layer, reading
-the upload, decoding, batching, metrics, logging and the response. The measure is the process's CPU time (every
-thread) per request, the median over blocks of requests: steadier than wall time on a shared machine, and it
-counts the thread hops to the model. At concurrency 1 each request is its own batch; at 16, requests are in
-flight together, as under load.
+Each server, the service (serve/), the bare ASGI floor (floor_server.py) and the FastAPI + PyTorch-eager
+baseline, answers the same JPEG with the null network (benchmarks/serving/nets.py: ten input values as the
+logits), called straight through its ASGI app on the event loop uvicorn uses (uvloop): no sockets, no load
+generator. What is left is the web layer, reading the upload, decoding, batching, metrics, logging and the
+response. The measure is the process's CPU time (every thread) per request, the median over blocks of requests:
+steadier than wall time on a shared machine, and it counts the thread hops to the model. At concurrency 1 each
+request is its own batch; at 16, requests are in flight together, as under load.
 """
 
 import argparse
@@ -153,13 +153,23 @@ def servers(scratch: Path) -> dict[str, tuple[Callable[[], ASGIApp], str]]:
                 handler.setStream(quiet)
         return app
 
+    def floor() -> ASGIApp:
+        os.environ["MODEL_URI"] = str(model)
+        from benchmarks.serving.floor_server import app  # reads its settings from the environment at startup
+
+        return app
+
     def baseline() -> ASGIApp:
         os.environ.update(BASELINE_NET="null", BASELINE_WEIGHTS=str(weights))
         from benchmarks.serving.baseline_server import app  # builds its network from those variables on import
 
         return app
 
-    return {"onnx (serve/)": (ours, "/v1/predict"), "torch baseline": (baseline, "/predict")}
+    return {
+        "onnx (serve/)": (ours, "/v1/predict"),
+        "bare ASGI floor": (floor, "/v1/predict"),
+        "torch baseline": (baseline, "/predict"),
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -182,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="CPU time per request besides the model, both servers")
+    parser = argparse.ArgumentParser(description="CPU time per request besides the model, each server")
     parser.add_argument("--requests", type=int, default=7_000, help="per server and concurrency")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving" / "results")

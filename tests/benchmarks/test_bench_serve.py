@@ -1,0 +1,36 @@
+"""benchmarks/serving/bench_serve.py, end to end but short: the three servers start on loopback, answer the load
+generator without errors at each concurrency, and the report and its table hold every row."""
+
+import json
+
+import pytest
+
+from benchmarks.serving import bench_serve
+
+SERVERS = ["onnx (serve/)", "bare ASGI floor", "torch baseline"]
+
+
+def test_every_server_answers_at_each_concurrency(tmp_path):
+    quick = "--models airbench --concurrency 1 3 --duration 0.3 --repeats 1 --load-requests 0 --no-settings"
+    report = bench_serve.main([*quick.split(), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "serve.json").read_text()) == report
+    entry = report["models"]["airbench"]
+    assert list(entry["http"]) == SERVERS
+    for name, rows in entry["http"].items():
+        assert [row["concurrency"] for row in rows] == [1, 3], name
+        for row in rows:
+            assert row["errors"] == 0 and row["requests"] > 0 and row["throughput_rps"] > 0, (name, row)
+            assert 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
+    assert entry["raw"]["ort_b1_ms"] > 0 and entry["raw"]["ort_b64_ips"] > 0
+    assert "spin" not in report and "threads" not in entry and "load" not in report  # skipped by the flags
+    table = (tmp_path / "serve.md").read_text()
+    for name in SERVERS:
+        assert table.count(f"| airbench | {name} |") == 2, name
+    assert "## ONNX Runtime threads" not in table
+
+
+def test_a_load_run_too_short_to_sample_memory_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_serve.main(["--load-requests", "500"])
+    assert exit_info.value.code == 2
+    assert "at least 2000" in capsys.readouterr().err

@@ -4,7 +4,7 @@ ASGI floor (floor_server.py), same run, same machine, same load generator. Write
     python -m benchmarks.serving.bench_serve            # make bench-serve
     python -m benchmarks.serving.bench_serve --models airbench --duration 3 --repeats 1 --load-requests 2000
 
-Measures, per network (airbench, resnet18; untrained weights, which do not change speed):
+Measures, per network (airbench, resnet18; untrained weights, which do not change speed, and a drift reference):
 raw ONNX Runtime at batch 1 and 64 and PyTorch eager at batch 1 and 64; p50/p99 latency and throughput through
 HTTP at each concurrency for the three servers; ONNX Runtime spin-waiting on vs off; and a long load run with the
 server's resident memory sampled every 1,000 requests. Every measurement but the load run is repeated
@@ -35,6 +35,7 @@ from benchmarks.serving.loadgen import multipart_request, run_load
 from benchmarks.serving.nets import build
 from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.export.onnx import contract_metadata, export_onnx
+from cifarlab.export.reference import embed_reference
 from serve.model import load_model
 from serve.settings import Settings
 
@@ -42,6 +43,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
 HOST = "127.0.0.1"
 BASELINE = "torch baseline"
+
+
+def export_like_training(net: torch.nn.Module, path: Path, name: str) -> Path:
+    """`net` exported as training exports it: the model contract and a drift reference, so that the service
+    computes its drift statistics on every batch. The reference comes from random images: like the untrained
+    weights, its content does not change speed."""
+    export_onnx(net, path, contract_metadata(CIFAR10_CLASSES, f"bench-{name}", "0" * 64))
+    embed_reference(path, np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8))
+    return path
 
 
 def median_seconds(call: Callable[[], object], budget: float = 1.5, min_runs: int = 10) -> float:
@@ -328,9 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = Path(scratch)
         for name in args.models:
             net = build(name)
-            onnx_path = export_onnx(
-                net, files / f"{name}.onnx", contract_metadata(CIFAR10_CLASSES, f"bench-{name}", "0" * 64)
-            )
+            onnx_path = export_like_training(net, files / f"{name}.onnx", name)
             torch.save(net.state_dict(), files / f"{name}.pt")
             passes = []
             for repeat in range(args.repeats):

@@ -6,10 +6,10 @@
 Each server, the service (serve/), the bare ASGI floor (floor_server.py) and the FastAPI + PyTorch-eager
 baseline, answers the same JPEG with the null network (benchmarks/serving/nets.py: ten input values as the
 logits), called straight through its ASGI app on the event loop uvicorn uses (uvloop): no sockets, no load
-generator. What is left is the web layer, reading the upload, decoding, batching, metrics, logging and the
-response. The measure is the process's CPU time (every thread) per request, the median over blocks of requests:
-steadier than wall time on a shared machine, and it counts the thread hops to the model. At concurrency 1 each
-request is its own batch; at 16, requests are in flight together, as under load.
+generator. What is left is the web layer, reading the upload, decoding, batching, the drift statistics, metrics,
+logging and the response. The measure is the process's CPU time (every thread) per request, the median over blocks
+of requests: steadier than wall time on a shared machine, and it counts the thread hops to the model. At
+concurrency 1 each request is its own batch; at 16, requests are in flight together, as under load.
 """
 
 import argparse
@@ -27,11 +27,9 @@ from typing import Any
 import torch
 from starlette.types import ASGIApp
 
-from benchmarks.serving.bench_serve import ROOT, test_image
+from benchmarks.serving.bench_serve import ROOT, export_like_training, test_image
 from benchmarks.serving.loadgen import multipart_request
 from benchmarks.serving.nets import build
-from cifarlab.data.prepare import CIFAR10_CLASSES
-from cifarlab.export.onnx import contract_metadata, export_onnx
 from serve.app import create_app
 from serve.settings import Settings
 
@@ -141,7 +139,7 @@ def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
 def servers(scratch: Path) -> dict[str, tuple[Callable[[], ASGIApp], str]]:
     """name -> (a factory of its ASGI app with the null network, the prediction path)."""
     net = build("null")
-    model = export_onnx(net, scratch / "null.onnx", contract_metadata(CIFAR10_CLASSES, "bench-null", "0" * 64))
+    model = export_like_training(net, scratch / "null.onnx", "null")
     weights = scratch / "null.pt"
     torch.save(net.state_dict(), weights)
 

@@ -6,6 +6,10 @@ import json
 import pytest
 
 from benchmarks.serving import bench_serve
+from benchmarks.serving.nets import build
+from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab.export.onnx import read_metadata
+from serve.drift import Reference
 
 SERVERS = ["onnx (serve/)", "bare ASGI floor", "torch baseline"]
 
@@ -34,3 +38,11 @@ def test_a_load_run_too_short_to_sample_memory_is_refused(capsys):
         bench_serve.main(["--load-requests", "500"])
     assert exit_info.value.code == 2
     assert "at least 2000" in capsys.readouterr().err
+
+
+def test_benchmark_models_carry_a_drift_reference_like_training_exports(tmp_path):
+    path = bench_serve.export_like_training(build("null"), tmp_path / "null.onnx", "null")
+    metadata = read_metadata(path)
+    assert tuple(json.loads(metadata["classes"])) == CIFAR10_CLASSES
+    reference = Reference.from_metadata(metadata, CIFAR10_CLASSES, where=str(path))
+    assert reference is not None and reference.images == 256

@@ -55,8 +55,7 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     mean_r/g/b: channel means; brightness: mean luma; contrast: standard deviation of luma; sharpness: mean
     absolute difference between neighbouring luma pixels (falls under blur, rises under noise).
     """
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    _check_images(images)
     pixels = images.astype(np.float32) / 255.0
     channel_means = pixels.mean(axis=(1, 2), dtype=np.float64)
     luma = pixels @ LUMA
@@ -70,6 +69,11 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
         "contrast": luma.std(axis=(1, 2), dtype=np.float64),
         "sharpness": (horizontal + vertical) / 2.0,
     }
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
 
 
 def traffic_statistics(images: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,8 +227,10 @@ def empty_report(window: int, alpha: float, status: str) -> dict[str, Any]:
 class DriftMonitor:
     """A sliding window over the last `window` predictions, tested against the reference on demand.
 
-    `observe` is O(batch) (a ring buffer write under a lock); `report` tests the window, and caches the result
-    until the next observation, so scrapes and `GET /v1/drift` cost nothing between requests.
+    `observe` only copies a batch's model inputs and outputs into ring buffers (under a lock): the inference
+    thread pays microseconds per batch. `report` computes the window's statistics and tests them, off the request
+    path, and caches the result until the next observation, so scrapes and `GET /v1/drift` cost nothing between
+    requests.
     """
 
     def __init__(self, reference: Reference, window: int = 200, alpha: float = 0.01) -> None:
@@ -233,27 +239,34 @@ class DriftMonitor:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be between 0 and 1, not {alpha}")
         self.reference, self.window, self.alpha = reference, window, alpha
-        self._values = np.zeros((window, len(CONTINUOUS)), dtype=np.float64)
-        self._predicted = np.zeros(window, dtype=np.int64)
+        self._images: np.ndarray | None = None  # [window, H, W, 3] uint8, shaped by the first batch
+        self._probabilities = np.zeros((window, len(reference.classes)), dtype=np.float64)
         self._next = 0  # ring position of the next write
         self._observed = 0  # ever, so a report names how much traffic it has seen
         self._lock = threading.Lock()
         self._cached: tuple[int, dict[str, Any]] | None = None
 
     def observe(self, images: np.ndarray, probabilities: np.ndarray) -> None:
-        """Record a batch of model inputs (uint8 [N, 32, 32, 3]) and the model's softmax outputs [N, classes]."""
+        """Record a batch of model inputs (uint8 [N, H, W, 3]) and the model's softmax outputs [N, classes]."""
         if probabilities.shape[-1] != len(self.reference.classes):
             raise ValueError(
                 f"probabilities have {probabilities.shape[-1]} classes, the reference {len(self.reference.classes)}"
             )
-        values, predicted = traffic_statistics(images, probabilities)
-        values, predicted = values[-self.window :], predicted[-self.window :]
+        _check_images(images)
+        if len(images) != len(probabilities):
+            raise ValueError(f"{len(images)} images but {len(probabilities)} rows of probabilities")
+        observed = len(images)
+        images, probabilities = images[-self.window :], probabilities[-self.window :]
         with self._lock:
-            positions = (self._next + np.arange(len(values))) % self.window
-            self._values[positions] = values
-            self._predicted[positions] = predicted
-            self._next = (self._next + len(values)) % self.window
-            self._observed += len(images)
+            if self._images is None:
+                self._images = np.zeros((self.window, *images.shape[1:]), dtype=np.uint8)
+            elif self._images.shape[1:] != images.shape[1:]:
+                raise ValueError(f"images of {list(images.shape[1:])}, earlier ones {list(self._images.shape[1:])}")
+            positions = (self._next + np.arange(len(images))) % self.window
+            self._images[positions] = images
+            self._probabilities[positions] = probabilities
+            self._next = (self._next + len(images)) % self.window
+            self._observed += observed
 
     def report(self) -> dict[str, Any]:
         """The drift report (JSON-ready) of the current window; `drift_detected` is False until the window is full."""
@@ -262,14 +275,15 @@ class DriftMonitor:
             if self._cached is not None and self._cached[0] == observed:
                 return self._cached[1]
             count = min(observed, self.window)
-            values, predicted = self._values[:count].copy(), self._predicted[:count].copy()
+            images = None if self._images is None else self._images[:count].copy()
+            probabilities = self._probabilities[:count].copy()
         report = empty_report(self.window, self.alpha, "insufficient_data") | {
             "observed": observed,
             "in_window": count,
             "reference": {"images": self.reference.images, **self.reference.provenance},
         }
-        if count == self.window:
-            drifted, results = compare(self.reference, values, predicted, self.alpha)
+        if count == self.window and images is not None:
+            drifted, results = compare(self.reference, *traffic_statistics(images, probabilities), self.alpha)
             report.update(
                 status="drift" if drifted else "ok",
                 drift_detected=drifted,

@@ -58,7 +58,12 @@ class Settings(BaseSettings):
     client_id_header: str = Field(
         "X-Client-ID", description="the header whose value pins a client to one variant (hashed; optional)"
     )
-    drift_window: int = Field(200, ge=20, description="recent images per variant tested against the reference")
+    drift_window: int = Field(
+        200,
+        ge=20,
+        le=20_000,
+        description="recent images per variant tested against the reference (each kept, 3 KB, until it leaves)",
+    )
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="false-alarm rate of one drift check (all tests)")
     feedback_dir: Path | None = Field(
         None, description="where POST /v1/feedback stores labelled images (image-folder layout); unset: no feedback"

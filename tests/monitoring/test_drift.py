@@ -162,6 +162,23 @@ def test_monitor_window_slides_past_old_traffic(reference: Reference) -> None:
     assert not report["drift_detected"], report["tests"]
 
 
+def test_monitor_tests_the_images_and_outputs_in_its_window(reference: Reference) -> None:
+    rng = np.random.default_rng(10)
+    monitor = DriftMonitor(reference, window=100)
+    monitor.observe(*window(rng, count=70, level=0.9))  # pushed out of the window by what follows
+    latest = [window(rng, count=count) for count in (30, 45, 25)]
+    for batch in latest:
+        monitor.observe(*batch)
+    images, probabilities = (np.concatenate(parts) for parts in zip(*latest, strict=True))
+    drifted, expected = compare(reference, *traffic_statistics(images, probabilities), 0.01)
+    report = monitor.report()
+    assert report["drift_detected"] == drifted and set(report["tests"]) == set(expected)
+    for name, result in expected.items():
+        assert report["tests"][name]["drifted"] == result.drifted, name
+        assert report["tests"][name]["p_value"] == pytest.approx(result.p_value), name
+        assert report["tests"][name]["score"] == pytest.approx(result.score), name
+
+
 def test_monitor_caches_the_report_until_new_traffic(reference: Reference) -> None:
     rng = np.random.default_rng(6)
     monitor = DriftMonitor(reference, window=50)
@@ -201,6 +218,12 @@ def test_monitor_rejects_bad_settings_and_inputs(reference: Reference) -> None:
         monitor.observe(textured_images(4, rng), np.full((4, 3), 1 / 3))
     with pytest.raises(ValueError, match="4 images but 2 rows"):
         monitor.observe(textured_images(4, rng), confident_probabilities(2, rng))
+    with pytest.raises(ValueError, match=r"uint8 images \[N, H, W, 3\]"):
+        monitor.observe(textured_images(4, rng).astype(np.float32), confident_probabilities(4, rng))
+    monitor.observe(textured_images(4, rng), confident_probabilities(4, rng))
+    with pytest.raises(ValueError, match=r"images of \[16, 16, 3\], earlier ones \[32, 32, 3\]"):
+        monitor.observe(textured_images(4, rng)[:, :16, :16], confident_probabilities(4, rng))
+    assert monitor.report()["observed"] == 4  # the refused batches left nothing behind
 
 
 def test_collector_exports_scores_and_flag(reference: Reference) -> None:

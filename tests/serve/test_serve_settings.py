@@ -45,6 +45,7 @@ def test_variants_come_from_json_and_replace_model_uri(monkeypatch: pytest.Monke
         ({"VARIANTS": '{"a": {"model_uri": "a.onnx", "shadow": true}}'}, "at least one variant must answer"),
         ({"VARIANTS": "champion=90"}, r"\"variants\" .*: Expecting value"),
         ({"MODEL_URI": "m.onnx", "DRIFT_WINDOW": "5"}, "drift_window: Input should be greater than or equal to 20"),
+        ({"MODEL_URI": "m.onnx", "DRIFT_WINDOW": "20001"}, "drift_window: Input should be less than or equal to 20000"),
     ],
 )
 def test_bad_settings_are_one_line_with_the_reason(

@@ -281,7 +281,7 @@ def markdown(report: dict) -> str:
                     f"| {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | {row['p50_ms']:.2f} | "
                     f"{row['p99_ms']:.2f} |"
                 )
-        lines += [  # measured with spin-waiting (compare_ort_settings)
+        lines += [  # compare_ort_settings measures the threads along with spin-waiting
             "",
             "## ONNX Runtime threads (our server): one per core vs one, the other core left to the event loop",
             "",

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 from starlette.types import Receive, Scope, Send
 
-from serve.batching import MicroBatcher
+from serve.batching import Infer, MicroBatcher
 from serve.drift import softmax
 from serve.model import LoadedModel, load_model
 from serve.preprocess import decode_image
-from serve.settings import Settings
+from serve.settings import load_settings
 
 _state: dict[str, Any] = {}
 
@@ -36,7 +36,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            settings = Settings()
+            settings = load_settings()
             model = load_model(str(settings.model_uri), settings)
             batcher = MicroBatcher(_infer_with(model), settings.max_batch_size, settings.max_wait_ms)
             batcher.start()
@@ -48,7 +48,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def _infer_with(model: LoadedModel) -> Any:
+def _infer_with(model: LoadedModel) -> Infer[None]:
     def infer(images: np.ndarray) -> tuple[np.ndarray, None]:
         return softmax(model.logits(images)), None
 

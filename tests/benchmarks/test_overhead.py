@@ -1,4 +1,4 @@
-"""benchmarks/serving/overhead.py: each server answers through their ASGI apps, and the cost per request is
+"""benchmarks/serving/overhead.py: each server answers through its ASGI app, and the cost per request is
 reported for each concurrency."""
 
 import json

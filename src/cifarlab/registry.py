@@ -9,7 +9,6 @@ version. Anything that fails before the decision (a missing alias, an evaluation
 """
 
 import getpass
-import hashlib
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cifarlab.errors import UserError
+from cifarlab.runtime import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,13 @@ def register_if_not_worse(cfg: DictConfig, candidate: Path, tags: dict[str, str]
     client = _client(cfg)
     champion = _aliased_or_none(client, cfg.model_name, cfg.champion_alias)
     existing = _version_holding(client, cfg.model_name, candidate)
+    candidate_score: float | None = None
+    champion_score: float | None = None
+    registered = False
     if existing is None:
-        candidate_score: float | None = _score_onnx(cfg, candidate, f"the candidate {candidate}")
+        candidate_score = _score_onnx(cfg, candidate, f"the candidate {candidate}")
         champion_score = None if champion is None else _score(cfg, champion)
-    else:
-        candidate_score = champion_score = None
-    registered = existing is None and (
-        champion_score is None or cast(float, candidate_score) >= champion_score - cfg.tolerance
-    )
+        registered = champion_score is None or candidate_score >= champion_score - cfg.tolerance
     logger = mlflow_logger(
         cfg.tracking_uri,
         experiment_name=cfg.experiment_name,
@@ -172,10 +171,6 @@ def _version_holding(client: MlflowClient, name: str, onnx_path: Path) -> str | 
     except MlflowException as error:
         raise RegistryError(f"cannot read the registry at {client.tracking_uri}: {_first_line(error)}") from error
     return next((str(v.version) for v in versions if v.tags.get(ONNX_SHA256_TAG) == digest), None)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _client(cfg: DictConfig) -> MlflowClient:

@@ -1,7 +1,8 @@
-"""Process-level helpers for the entry points: accelerator checks, atomic writes, one-line user errors."""
+"""Process-level helpers for the entry points: accelerator checks, atomic writes, file digests, one-line user errors."""
 
 import contextlib
 import functools
+import hashlib
 import os
 import sys
 import tempfile
@@ -49,6 +50,10 @@ def write_atomic(path: Path, content: str | bytes) -> None:
             temp.write_bytes(content)
         else:
             temp.write_text(content)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:

@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.entities import Param
 
-from cifarlab.registry import ONNX_SHA256_TAG, file_sha256
+from cifarlab.registry import ONNX_SHA256_TAG
+from cifarlab.runtime import file_sha256
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call

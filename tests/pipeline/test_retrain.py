@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 
 from cifarlab.errors import UserError
 from cifarlab.export.onnx import export_onnx, read_metadata
-from cifarlab.registry import ONNX_SHA256_TAG, RegistryError, file_sha256, register_if_not_worse
+from cifarlab.registry import ONNX_SHA256_TAG, RegistryError, register_if_not_worse
 from cifarlab.retrain import merge_feedback, retrain, run_dvc
+from cifarlab.runtime import file_sha256
 from serve.feedback import FeedbackStore, Prediction, RecentPredictions
 from tests.conftest import CONFIGS, ROOT
 from tests.pipeline.conftest import dvc, dvc_env, free_port

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from cifarlab.errors import DataError
+from cifarlab.runtime import file_sha256
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -647,7 +648,7 @@ def _write(out_dir: Path, train: Split, test: Split, classes: tuple[str, ...], m
 def _save_array(folder: Path, name: str, array: np.ndarray) -> dict:
     file_name = f"{name}.npy"
     np.save(folder / file_name, array, allow_pickle=False)
-    sha256 = hashlib.sha256((folder / file_name).read_bytes()).hexdigest()
+    sha256 = file_sha256(folder / file_name)
     return {"file": file_name, "shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256}
 
 

@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
 HOST = "127.0.0.1"
 BASELINE = "torch baseline"
+MEDIAN_KEYS = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms")
+THROUGHPUT_TARGET = 0.85  # of raw ONNX Runtime at batch 64 (the serving issue's target at concurrency >= 16)
 
 
 def export_like_training(net: torch.nn.Module, path: Path, name: str) -> Path:
@@ -85,8 +87,19 @@ def raw_numbers(net: torch.nn.Module, onnx_path: Path) -> dict[str, float]:
                 seconds = median_seconds(call)
             result[f"{prefix}_b{batch}_ms"] = 1000 * seconds
             result[f"{prefix}_b{batch}_ips"] = batch / seconds
+        if batch == 64:
+            result["ort_b64_cpu_ms"] = cpu_ms_per_image(calls["ort"], batch)
     result["ort_vs_torch_b1"] = result["torch_b1_ms"] / result["ort_b1_ms"]
     return result
+
+
+def cpu_ms_per_image(call: Callable[[], object], batch: int, budget: float = 1.0) -> float:
+    """This process's CPU time (every thread) per image over calls for about `budget` seconds."""
+    cpu, calls, deadline = time.process_time(), 0, time.perf_counter() + budget
+    while time.perf_counter() < deadline or calls < 3:
+        call()
+        calls += 1
+    return 1000 * (time.process_time() - cpu) / (calls * batch)
 
 
 def free_port() -> int:
@@ -136,11 +149,16 @@ def baseline(net: str, weights: Path) -> tuple[list[str], dict[str, str], str, s
 def http_numbers(spec: tuple, image: bytes, concurrencies: list[int], duration: float) -> list[dict[str, float]]:
     app, env, probe, path = spec
     rows = []
-    with server(app, env, probe) as (port, _):
+    with server(app, env, probe) as (port, pid):
         request = multipart_request(HOST, port, path, image)
         for concurrency in concurrencies:
             asyncio.run(run_load(HOST, port, request, concurrency, duration=min(1.0, duration)))  # warm-up
-            rows.append(asyncio.run(run_load(HOST, port, request, concurrency, duration=duration)).summary())
+            server_cpu, client_cpu = _cpu_seconds(pid), time.process_time()
+            row = asyncio.run(run_load(HOST, port, request, concurrency, duration=duration)).summary()
+            answered = max(1, row["requests"] + row["errors"])
+            row["server_cpu_ms"] = 1000 * (_cpu_seconds(pid) - server_cpu) / answered
+            row["client_cpu_ms"] = 1000 * (time.process_time() - client_cpu) / answered
+            rows.append(row)
             print(f"    c={concurrency:<3} {_fmt(rows[-1])}", flush=True)
     return rows
 
@@ -158,7 +176,7 @@ def median_rows(passes: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     summed."""
     merged = []
     for rows in zip(*passes, strict=True):
-        row = {key: statistics.median(r[key] for r in rows) for key in ("throughput_rps", "p50_ms", "p99_ms")}
+        row = {key: statistics.median(r[key] for r in rows) for key in MEDIAN_KEYS}
         row["concurrency"] = rows[0]["concurrency"]
         row["requests"] = sum(r["requests"] for r in rows)
         row["errors"] = sum(r["errors"] for r in rows)
@@ -197,6 +215,12 @@ def load_run(spec: tuple, image: bytes, total: int, concurrency: int) -> dict[st
     return {**summary, "rss_mb": [round(r / 2**20, 1) for r in rss], "rss_growth": (last - first) / first}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (every thread) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
 def _rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -207,7 +231,7 @@ def _rss_bytes(pid: int) -> int:
 def _fmt(row: dict[str, float]) -> str:
     return (
         f"{row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
-        f"errors {row['errors']}"
+        f"errors {row['errors']}  CPU ms/req server {row['server_cpu_ms']:.2f} client {row['client_cpu_ms']:.2f}"
     )
 
 
@@ -232,14 +256,15 @@ def markdown(report: dict) -> str:
         "",
         "## Raw model, one process",
         "",
-        "| network | ORT b1 ms | torch b1 ms | ORT vs torch b1 | ORT b64 img/s | torch b64 img/s |",
-        "|---|---|---|---|---|---|",
+        "| network | ORT b1 ms | torch b1 ms | ORT vs torch b1 | ORT b64 img/s | ORT b64 CPU ms/img | "
+        "torch b64 img/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["models"].items():
         raw = entry["raw"]
         lines.append(
             f"| {name} | {raw['ort_b1_ms']:.2f} | {raw['torch_b1_ms']:.2f} | {raw['ort_vs_torch_b1']:.2f}x | "
-            f"{raw['ort_b64_ips']:.0f} | {raw['torch_b64_ips']:.0f} |"
+            f"{raw['ort_b64_ips']:.0f} | {raw['ort_b64_cpu_ms']:.2f} | {raw['torch_b64_ips']:.0f} |"
         )
     lines += [
         "",
@@ -249,11 +274,16 @@ def markdown(report: dict) -> str:
         "without FastAPI, validation, logs or metrics (benchmarks/serving/floor_server.py): the distance from it "
         "to raw ONNX Runtime is the machine's, uvicorn's and the decoder's; from the service to it, ours.",
         "",
-        "p50 - raw b1: over its own runtime at batch 1 (PyTorch for the baseline, ONNX Runtime for the others).",
+        "p50 - raw b1: over its own runtime at batch 1 (PyTorch for the baseline, ONNX Runtime for the others). "
+        "CPU ms/req: the CPU time (every thread) the server process, and the load generator beside it, spent per "
+        "request; cores busy: both together times req/s, out of the machine's "
+        f"{report['cores']}.",
+        "",
+        *cpu_budget_lines(report),
         "",
         "| network | server | concurrency | req/s | p50 ms | p50 - raw b1 ms | p99 ms | errors | vs raw ORT b64 "
-        "| p99 / (c / req/s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 / (c / req/s) | server CPU ms/req | client CPU ms/req | cores busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["models"].items():
         for server_name, rows in entry["http"].items():
@@ -262,10 +292,12 @@ def markdown(report: dict) -> str:
                 bound = row["p99_ms"] / (1000 * row["concurrency"] / max(row["throughput_rps"], 1e-9))
                 raw_b1 = entry["raw"]["torch_b1_ms" if server_name == BASELINE else "ort_b1_ms"]
                 over_raw = f"{row['p50_ms'] - raw_b1:+.2f}" if row["concurrency"] == 1 else "-"
+                cpu_ms = row["server_cpu_ms"] + row["client_cpu_ms"]
                 lines.append(
                     f"| {name} | {server_name} | {row['concurrency']} | {row['throughput_rps']:.0f} | "
                     f"{row['p50_ms']:.2f} | {over_raw} | {row['p99_ms']:.2f} | {row['errors']} | {ratio:.2f}x | "
-                    f"{bound:.2f} |"
+                    f"{bound:.2f} | {row['server_cpu_ms']:.2f} | {row['client_cpu_ms']:.2f} | "
+                    f"{cpu_ms * row['throughput_rps'] / 1000:.2f} |"
                 )
     if "spin" in report:
         lines += [
@@ -310,6 +342,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_budget_lines(report: dict) -> list[str]:
+    """What the throughput target leaves per request: at THROUGHPUT_TARGET x raw ORT b64 with every core busy,
+    the CPU time a request may take, server and load generator together, against what the model alone takes."""
+    lines = []
+    for name, entry in report["models"].items():
+        raw, cores = entry["raw"], report["cores"]
+        target = THROUGHPUT_TARGET * raw["ort_b64_ips"]
+        budget = 1000 * cores / target
+        lines.append(
+            f"- CPU budget, {name}: {THROUGHPUT_TARGET}x raw ORT b64 is {target:.0f} req/s; with all {cores} cores "
+            f"busy a request may then take {budget:.2f} ms of CPU, server and load generator together. The model "
+            f"alone takes {raw['ort_b64_cpu_ms']:.2f} ms per image at batch 64, which leaves "
+            f"{budget - raw['ort_b64_cpu_ms']:.2f} ms for everything else."
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="serving benchmark: serve/ vs a PyTorch-eager baseline and a floor")
     parser.add_argument("--models", nargs="+", default=["airbench", "resnet18"], choices=["airbench", "resnet18"])
@@ -333,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     image = test_image()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    report: dict = {"machine": machine, "repeats": args.repeats, "models": {}}
+    report: dict = {"machine": machine, "cores": os.cpu_count(), "repeats": args.repeats, "models": {}}
     with tempfile.TemporaryDirectory() as scratch:
         files = Path(scratch)
         for name in args.models:

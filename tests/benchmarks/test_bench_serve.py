@@ -25,12 +25,23 @@ def test_every_server_answers_at_each_concurrency(tmp_path):
         for row in rows:
             assert row["errors"] == 0 and row["requests"] > 0 and row["throughput_rps"] > 0, (name, row)
             assert 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
-    assert entry["raw"]["ort_b1_ms"] > 0 and entry["raw"]["ort_b64_ips"] > 0
+            # CPU time per request, in ms: every server and the load generator spend some, and together they
+            # cannot keep more cores busy than the machine has (a tick of slack for /proc's 10 ms resolution)
+            assert row["server_cpu_ms"] > 0 and row["client_cpu_ms"] > 0, (name, row)
+            cores_busy = (row["server_cpu_ms"] + row["client_cpu_ms"]) * row["throughput_rps"] / 1000
+            assert cores_busy <= report["cores"] + 0.2, (name, row)
+    raw = entry["raw"]
+    assert raw["ort_b1_ms"] > 0 and raw["ort_b64_ips"] > 0
+    # the calling thread is busy for the whole call, and no more threads run than there are cores (a noisy
+    # machine's margin: the CPU time and the rate are measured one after the other)
+    wall_ms = 1000 / raw["ort_b64_ips"]
+    assert 0.5 * wall_ms <= raw["ort_b64_cpu_ms"] <= 1.5 * report["cores"] * wall_ms
     assert "spin" not in report and "threads" not in entry and "load" not in report  # skipped by the flags
     table = (tmp_path / "serve.md").read_text()
     for name in SERVERS:
         assert table.count(f"| airbench | {name} |") == 2, name
     assert "## ONNX Runtime threads" not in table
+    assert "- CPU budget, airbench: 0.85x raw ORT b64" in table
 
 
 def test_a_load_run_too_short_to_sample_memory_is_refused(capsys):

@@ -31,6 +31,7 @@ from serve.settings import Settings
 from serve.variants import VariantRouter, VariantSpec
 
 SHADOW_BACKLOG = 256  # requests queued for a shadow variant beyond which its copies are dropped
+SHADOW_FEEDBACK_WAIT_S = 10.0  # how long feedback waits for the shadows' predictions of its request
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Service:
         self.feedback: FeedbackStore | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._shadowing: dict[str, set[asyncio.Task[None]]] = {}  # request id -> its shadow copies still running
         self.metrics.registry.register(DriftCollector(self.drift_monitors))
 
     @property
@@ -155,12 +157,17 @@ class Service:
             if self.variants[shadow].batcher.backlog > SHADOW_BACKLOG:
                 self.metrics.shadow_dropped.labels(variant=shadow).inc()
             else:
-                self._in_background(self._shadow(shadow, images, request_id))
+                task = self._in_background(self._shadow(shadow, images, request_id))
+                if self.recent is not None:
+                    self._track_shadow(request_id, task)
         return Answer(probabilities, model, variant_name)
 
     async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:
         if self.feedback is None or self.recent is None:
             raise ApiError(404, "feedback_disabled", "feedback is off on this server: start it with FEEDBACK_DIR set")
+        if shadows := self._shadowing.get(request_id):
+            # feedback sent right after the answer: the record also scores what the shadows predict
+            await asyncio.wait(set(shadows), timeout=SHADOW_FEEDBACK_WAIT_S)
         try:
             return await asyncio.to_thread(self.feedback.submit, request_id, label, self.recent, image_index)
         except UnknownRequest as error:
@@ -232,10 +239,22 @@ class Service:
             for index, best in enumerate(probabilities.argmax(axis=1)):
                 self.recent.add_shadow(feedback_key(request_id, index), name, model.classes[best], model.version)
 
-    def _in_background(self, coroutine: Any) -> None:
+    def _in_background(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _track_shadow(self, request_id: str, task: asyncio.Task[None]) -> None:
+        running = self._shadowing.setdefault(request_id, set())
+        running.add(task)
+
+        def forget(done: asyncio.Task[None]) -> None:
+            running.discard(done)
+            if not running and self._shadowing.get(request_id) is running:
+                del self._shadowing[request_id]
+
+        task.add_done_callback(forget)
 
     def _reload_on_signal(self) -> None:
         for name in self.variants:

@@ -3,6 +3,7 @@ training data, and the drift report, over HTTP against `uvicorn serve.app:create
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,9 @@ from PIL import Image
 
 from cifarlab.export.onnx import contract_metadata, export_onnx
 from serve import service as service_module
-from serve.feedback import feedback_key
-from serve.model import ModelLoadError
+from serve.drift import softmax
+from serve.feedback import FeedbackRecord, feedback_key
+from serve.model import LoadedModel, ModelLoadError
 from serve.service import Answer, Service
 from serve.settings import Settings
 from serve.variants import VariantSpec
@@ -212,3 +214,36 @@ def test_a_shadow_that_falls_behind_loses_copies_not_answers(
     dropped = service.metrics.registry.get_sample_value("cifarlab_shadow_dropped_total", {"variant": "challenger"})
     assert dropped == 2
     assert service.recent is not None and service.recent.get(feedback_key("r1", 2)).shadows == {}
+
+
+def test_feedback_sent_before_the_shadow_has_answered_waits_for_it_and_scores_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    variants = {
+        "champion": VariantSpec(model_uri=str(tiny_model)),
+        "challenger": VariantSpec(model_uri=str(tiny_model), shadow=True),
+    }
+    service = Service(Settings(variants=variants, feedback_dir=tmp_path / "feedback"))
+
+    async def feedback_right_after_the_answer() -> tuple[float, FeedbackRecord]:
+        await service.start()
+        shadow = service.variants["challenger"]
+        model = shadow.current()
+
+        def slow_infer(images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+            time.sleep(0.5)  # the shadow is busy: the client's feedback arrives first
+            return softmax(model.logits(images)), model
+
+        shadow.batcher._infer = slow_infer
+        try:
+            await service.predict(np.zeros((1, 32, 32, 3), dtype=np.uint8), "champion", "early")
+            started = time.perf_counter()
+            record, created = await service.submit_feedback("early", "cat", 0)
+            assert created
+            return time.perf_counter() - started, record
+        finally:
+            await service.stop()
+
+    waited, record = asyncio.run(feedback_right_after_the_answer())
+    assert set(record.shadows) == {"challenger"}
+    assert 0.3 < waited < service_module.SHADOW_FEEDBACK_WAIT_S

@@ -31,6 +31,7 @@ from benchmarks.serving.bench_serve import ROOT, export_like_training, test_imag
 from benchmarks.serving.loadgen import multipart_request
 from benchmarks.serving.nets import build
 from serve.app import create_app
+from serve.logging import LOGGER_NAME, JsonFormatter
 from serve.settings import Settings
 
 BLOCKS = 7
@@ -146,8 +147,9 @@ def servers(scratch: Path) -> dict[str, tuple[Callable[[], ASGIApp], str]]:
     def ours() -> ASGIApp:
         app = create_app(Settings(model_uri=str(model)))
         quiet = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process; the lines are still formatted
-        for handler in logging.getLogger("serve").handlers:
-            if isinstance(handler, logging.StreamHandler):
+        for handler in logging.getLogger(LOGGER_NAME).handlers:
+            # the service's own handler only: pytest attaches its capture handlers to the logger as well
+            if isinstance(handler, logging.StreamHandler) and isinstance(handler.formatter, JsonFormatter):
                 handler.setStream(quiet)
         return app
 

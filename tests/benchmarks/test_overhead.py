@@ -2,11 +2,22 @@
 reported for each concurrency."""
 
 import json
+import logging
+
+import pytest
 
 from benchmarks.serving import overhead
+from serve.logging import get_logger
 
 
-def test_each_server_is_measured_at_each_concurrency(tmp_path, monkeypatch):
+@pytest.fixture
+def service_logger() -> logging.Logger:
+    """The service's logger, made before the test runs: pytest then attaches its own capture handlers to it (it does
+    so for every logger that does not propagate), and the benchmark must leave those alone."""
+    return get_logger()
+
+
+def test_each_server_is_measured_at_each_concurrency(tmp_path, monkeypatch, service_logger):
     # the benchmark sets these for the baseline and the floor; restored after the test
     monkeypatch.setenv("BASELINE_NET", "")
     monkeypatch.setenv("BASELINE_WEIGHTS", "")

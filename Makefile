@@ -23,7 +23,7 @@ train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra
 test: lint typecheck pytest  ## lint, type check, then the test suite (what .ci/run runs)
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
-	$(BIN)/python -m pytest -n auto --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -n auto $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -101,20 +101,3 @@ def run_cli(
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
-
-
-# Tests that share an expensive session fixture (a server, a reproduced pipeline) run on one pytest-xdist worker
-# (`make pytest` runs `-n auto --dist loadgroup`), so each is built once.
-XDIST_GROUPS = {
-    "tests/pipeline/": "pipeline",  # GCS emulator, MLflow server, the reproduced DVC pipeline
-    "tests/monitoring/test_prometheus_live.py": "ab_server",
-    "tests/monitoring/test_service_monitoring.py": "ab_server",
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        path = Path(item.path).relative_to(ROOT).as_posix()
-        group = next((name for prefix, name in XDIST_GROUPS.items() if path.startswith(prefix)), None)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))

@@ -251,7 +251,7 @@ class Service:
 
         def forget(done: asyncio.Task[None]) -> None:
             running.discard(done)
-            if not running and self._shadowing.get(request_id) is running:
+            if not running:  # the last copy of this request: a later request with the same id starts a new set
                 del self._shadowing[request_id]
 
         task.add_done_callback(forget)

@@ -8,8 +8,8 @@ Measures, per network (airbench, resnet18; untrained weights, which do not chang
 raw ONNX Runtime at batch 1 and 64 (and its CPU time per image) and PyTorch eager at batch 1 and 64; p50/p99
 latency, throughput and the CPU time per request of server and load generator through HTTP at each concurrency for
 the three servers; ONNX Runtime spin-waiting on vs off; and a long load run with the server's resident memory
-sampled every 1,000 requests. Every measurement but the load run is repeated
-(--repeats) and reported as its median: on a shared machine one pass can be a third slower than the next.
+sampled every 1,000 requests. Every measurement but the load run is repeated (--repeats) and reported as its
+median: on a shared machine one pass can be a third slower than the next.
 """
 
 import argparse

@@ -5,22 +5,19 @@ every response. Its requests skip FastAPI's per-request machinery, though: depen
 response wrappers, and Starlette's form parser, which spools each upload into a temporary-file object. That
 machinery took a fifth to a quarter of a request's CPU time besides the model (`make bench-overhead`, before and
 after). The handler makes the same checks with the same parts: `check_api_key`, the route's own `top_k`
-annotation, python-multipart for the body, and the app's error handlers for every refusal.
+annotation, serve.multipart for the body, and the app's error handlers for every refusal.
 """
 
 import asyncio
 import base64
 import binascii
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Query
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
-from python_multipart import MultipartParser
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,12 +26,10 @@ from serve.auth import API_KEY_HEADER, check_api_key
 from serve.batching import BatchFailed
 from serve.errors import ApiError, describe_validation
 from serve.middleware import request_id_of
+from serve.multipart import MultipartError, boundary_of, parts
 from serve.preprocess import decode_batch
 from serve.schemas import ClassProbability, ModelRef, Prediction, PredictJSON, PredictResponse
 from serve.service import Answer, Service
-
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks  # a typing-only name
 
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="probabilities per image")]
 INLINE_DECODE_IMAGES = 4  # at most this many images ...
@@ -65,7 +60,8 @@ class PredictHandler:
         request = Request(scope, receive)
         if settings.api_key is not None:
             check_api_key(request.headers.get(API_KEY_HEADER.model.name), settings.api_key.get_secret_value())
-        top_k = _top_k(request.query_params.get("top_k")) or settings.default_top_k
+        given_top_k = request.query_params.get("top_k") if scope["query_string"] else None  # parse only if sent
+        top_k = _top_k(given_top_k) or settings.default_top_k
         variant = service.assign(request.headers.get(settings.client_id_header))
         request.state.variant = variant
         request_id = request_id_of(scope)
@@ -102,10 +98,9 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[str | No
     """(file names, encoded images) from a multipart or JSON body."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        files = _FileParts(max_images)
-        await files.parse(request)
-        _check_count(len(files.blobs), max_images)
-        return files.names, files.blobs
+        names, blobs = _files(await request.body(), request.headers["content-type"], max_images)
+        _check_count(len(blobs), max_images)
+        return names, blobs
     if media_type == "application/json":
         blobs = _decode_base64(_parse_json(await request.body()).images)
         _check_count(len(blobs), max_images)
@@ -113,92 +108,30 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[str | No
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field `files`) or application/json")
 
 
-class _FileParts:
-    """The uploads of the `files` field, parsed (python-multipart) as the body streams in, kept in memory (the
-    body limit bounds them). Uploads in other fields are counted against the limit and dropped."""
-
-    def __init__(self, max_files: int) -> None:
-        self.max_files = max_files
-        self.names: list[str | None] = []
-        self.blobs: list[bytes] = []
-        self._uploads = 0
-        self._fields = 0
-        self._header_name = b""
-        self._header_value = b""
-        self._disposition = b""
-        self._data: bytearray | None = None  # the current part's bytes, when it is an upload we keep
-
-    async def parse(self, request: Request) -> None:
-        _, options = parse_options_header(request.headers.get("content-type"))
-        if b"boundary" not in options:
-            raise ApiError(400, "invalid_multipart", "the multipart Content-Type has no boundary")
-        parser = MultipartParser(options[b"boundary"], self._callbacks())
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-            parser.finalize()
-        except FormParserError as error:
-            raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {error}") from error
-
-    def _callbacks(self) -> "MultipartCallbacks":
-        return {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-            "on_part_data": self._on_part_data,
-            "on_part_end": self._on_part_end,
-        }
-
-    def _on_part_begin(self) -> None:
-        self._disposition, self._data = b"", None
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        if self._header_name.lower() == b"content-disposition":
-            self._disposition = self._header_value
-        self._header_name, self._header_value = b"", b""
-
-    def _on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
-        if b"name" not in options:
-            raise ApiError(400, "invalid_multipart", 'a part\'s Content-Disposition has no "name"')
-        field = _text(options[b"name"])
-        if b"filename" not in options:
-            self._fields += 1
-            if field == FILES_FIELD:
-                raise ApiError(422, "invalid_request", f"the `{FILES_FIELD}` field must hold file uploads")
-            if self._fields > self.max_files:
-                raise ApiError(400, "invalid_multipart", f"too many form fields; at most {self.max_files}")
-            return
-        self._uploads += 1
-        if self._uploads > self.max_files:
-            raise ApiError(422, "too_many_images", f"at most {self.max_files} images per request")
-        if field == FILES_FIELD:
-            self.names.append(_text(options[b"filename"]))
-            self._data = bytearray()
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._data is not None:
-            self._data += data[start:end]
-
-    def _on_part_end(self) -> None:
-        if self._data is not None:
-            self.blobs.append(bytes(self._data))
-            self._data = None
-
-
-def _text(value: bytes) -> str:
+def _files(body: bytes, content_type: str, max_files: int) -> tuple[list[str | None], list[bytes]]:
+    """The uploads of the `files` field, in order. Uploads in other fields are counted against the limit and
+    dropped; plain fields are dropped, except in `files`."""
+    names: list[str | None] = []
+    blobs: list[bytes] = []
+    uploads = fields = 0
     try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
+        for part in parts(body, boundary_of(content_type)):
+            if part.filename is None:
+                fields += 1
+                if part.name == FILES_FIELD:
+                    raise ApiError(422, "invalid_request", f"the `{FILES_FIELD}` field must hold file uploads")
+                if fields > max_files:
+                    raise ApiError(400, "invalid_multipart", f"too many form fields; at most {max_files}")
+                continue
+            uploads += 1
+            if uploads > max_files:
+                raise ApiError(422, "too_many_images", f"at most {max_files} images per request")
+            if part.name == FILES_FIELD:
+                names.append(part.filename)
+                blobs.append(part.data)
+    except MultipartError as error:
+        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {error}") from error
+    return names, blobs
 
 
 def _parse_json(body: bytes) -> PredictJSON:

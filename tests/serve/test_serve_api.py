@@ -229,8 +229,9 @@ def test_malformed_json_and_base64(client):
 def test_broken_multipart_is_a_4xx(client):
     no_boundary = {"Content-Type": "multipart/form-data"}
     assert_error(client.post("/v1/predict", content=b"--xyz\r\n", headers=no_boundary), 400, "invalid_multipart")
-    garbage = {"Content-Type": "multipart/form-data; boundary=xyz"}
-    assert_error(client.post("/v1/predict", content=b"--xyz\r\nbroken", headers=garbage), 422, "no_images")
+    xyz = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    assert_error(client.post("/v1/predict", content=b"--xyz\r\nbroken", headers=xyz), 400, "invalid_multipart")
+    assert_error(client.post("/v1/predict", content=b"--xyz--\r\n", headers=xyz), 422, "no_images")
 
 
 def test_multipart_parts_are_read_as_the_form_says(client):

@@ -97,7 +97,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         id header (default X-Client-ID) keeps a client on one variant."""
         raise AssertionError("documentation only: PredictHandler serves this route")
 
-    app.router.routes.append(
+    app.router.routes.insert(  # first: the route most requests take is matched first
+        0,
         DirectRoute(
             "/v1/predict",
             predict,
@@ -108,7 +109,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             responses=_errors(400, 401, 413, 415, 422, 500, 503),
             openapi_extra={"requestBody": _predict_body(settings.max_images_per_request)},
             summary="Classify one or several images",
-        )
+        ),
     )
 
     @app.post(

@@ -8,19 +8,22 @@ baseline, answers the same JPEG with the null network (benchmarks/serving/nets.p
 logits), called straight through its ASGI app on the event loop uvicorn uses (uvloop): no sockets, no load
 generator. What is left is the web layer, reading the upload, decoding, batching, the drift statistics, metrics,
 logging and the response. The measure is the process's CPU time (every thread) per request, the median over blocks
-of requests: steadier than wall time on a shared machine, and it counts the thread hops to the model. At
-concurrency 1 each request is its own batch; at 16, requests are in flight together, as under load.
+of requests: steadier than wall time on a shared machine, and it counts the thread hops to the model. The servers
+take turns block by block, so a noisy spell on the machine lands on all of them alike. At concurrency 1 each
+request is its own batch; at 16, requests are in flight together, as under load.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,33 +83,50 @@ async def call(app: ASGIApp, scope: dict[str, Any], body: bytes) -> int:
     return status
 
 
-async def measure(
-    app: ASGIApp, scope: dict[str, Any], body: bytes, requests: int, concurrency: int
-) -> dict[str, float]:
-    """CPU milliseconds per request: the median and the spread over BLOCKS blocks, after a warm-up."""
+@dataclass(frozen=True)
+class Target:
+    """A server's ASGI app and the prediction request it answers."""
+
+    app: ASGIApp
+    scope: dict[str, Any]
+    body: bytes
+
+
+async def block(target: Target, rounds: int, concurrency: int) -> float:
+    """CPU milliseconds per request over `rounds` rounds of `concurrency` requests at once."""
+    started = time.process_time()
+    for _ in range(rounds):
+        statuses = await asyncio.gather(*(call(target.app, target.scope, target.body) for _ in range(concurrency)))
+        if set(statuses) != {200}:
+            raise RuntimeError(f"{target.scope['path']} answered {sorted(set(statuses))}")
+    return 1000 * (time.process_time() - started) / (rounds * concurrency)
+
+
+async def measure(targets: dict[str, Target], requests: int, concurrency: int) -> dict[str, dict[str, float]]:
+    """Per server, CPU milliseconds per request: the median and the spread over BLOCKS blocks, after a warm-up
+    block each; the servers take turns."""
     rounds = max(1, requests // BLOCKS // concurrency)
-
-    async def block() -> float:
-        started = time.process_time()
-        for _ in range(rounds):
-            statuses = await asyncio.gather(*(call(app, scope, body) for _ in range(concurrency)))
-            if set(statuses) != {200}:
-                raise RuntimeError(f"{scope['path']} answered {sorted(set(statuses))}")
-        return 1000 * (time.process_time() - started) / (rounds * concurrency)
-
-    await block()  # warm-up
-    per_request = [await block() for _ in range(BLOCKS)]
+    for target in targets.values():
+        await block(target, rounds, concurrency)
+    per_request: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(BLOCKS):
+        for name, target in targets.items():
+            per_request[name].append(await block(target, rounds, concurrency))
     return {
-        "concurrency": concurrency,
-        "requests": BLOCKS * rounds * concurrency,
-        "cpu_ms_per_request": statistics.median(per_request),
-        "min_ms": min(per_request),
-        "max_ms": max(per_request),
+        name: {
+            "concurrency": concurrency,
+            "requests": BLOCKS * rounds * concurrency,
+            "cpu_ms_per_request": statistics.median(values),
+            "min_ms": min(values),
+            "max_ms": max(values),
+        }
+        for name, values in per_request.items()
     }
 
 
-async def with_lifespan(app: ASGIApp, work: Callable[[], Awaitable[Any]]) -> Any:
-    """Run `work` between the app's startup and shutdown (model loading, the batcher's worker)."""
+@contextlib.asynccontextmanager
+async def running(app: ASGIApp) -> AsyncIterator[None]:
+    """The app between its startup and its shutdown (model loading, the batcher's worker)."""
     messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     started, stopped = asyncio.Event(), asyncio.Event()
     messages.put_nowait({"type": "lifespan.startup"})
@@ -121,7 +141,7 @@ async def with_lifespan(app: ASGIApp, work: Callable[[], Awaitable[Any]]) -> Any
     lifespan = asyncio.create_task(app(scope, messages.get, send))
     await started.wait()
     try:
-        return await work()
+        yield
     finally:
         messages.put_nowait({"type": "lifespan.shutdown"})
         await stopped.wait()
@@ -200,16 +220,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "servers": {}}
     image = test_image()
     with tempfile.TemporaryDirectory() as scratch:
+        targets = {}
         for name, (factory, path) in servers(Path(scratch)).items():
-            app = factory()
-            scope, body = http_scope(path, multipart_request("127.0.0.1", 8000, path, image))
+            targets[name] = Target(factory(), *http_scope(path, multipart_request("127.0.0.1", 8000, path, image)))
 
-            async def run(app: ASGIApp = app, scope: dict = scope, body: bytes = body) -> list[dict[str, float]]:
-                return [await measure(app, scope, body, args.requests, c) for c in args.concurrency]
+        async def run() -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                for target in targets.values():
+                    await stack.enter_async_context(running(target.app))
+                for concurrency in args.concurrency:
+                    for name, row in (await measure(targets, args.requests, concurrency)).items():
+                        report["servers"].setdefault(name, []).append(row)
+                        print(f"{name:16s} c={concurrency:<3} {row['cpu_ms_per_request']:.3f} ms CPU", flush=True)
 
-            report["servers"][name] = run_loop(with_lifespan(app, run))
-            for row in report["servers"][name]:
-                print(f"{name:16s} c={row['concurrency']:<3} {row['cpu_ms_per_request']:.3f} ms CPU", flush=True)
+        run_loop(run())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(report, indent=2))
     (args.out / "overhead.md").write_text(markdown(report))

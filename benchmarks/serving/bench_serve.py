@@ -26,7 +26,8 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,21 +148,46 @@ def baseline(net: str, weights: Path) -> tuple[list[str], dict[str, str], str, s
     return ["benchmarks.serving.baseline_server:app"], env, "/docs", "/predict"
 
 
-def http_numbers(spec: tuple, image: bytes, concurrencies: list[int], duration: float) -> list[dict[str, float]]:
-    app, env, probe, path = spec
-    rows = []
-    with server(app, env, probe) as (port, pid):
-        request = multipart_request(HOST, port, path, image)
-        for concurrency in concurrencies:
-            asyncio.run(run_load(HOST, port, request, concurrency, duration=min(1.0, duration)))  # warm-up
-            server_cpu, client_cpu = _cpu_seconds(pid), time.process_time()
-            row = asyncio.run(run_load(HOST, port, request, concurrency, duration=duration)).summary()
-            answered = max(1, row["requests"] + row["errors"])
-            row["server_cpu_ms"] = 1000 * (_cpu_seconds(pid) - server_cpu) / answered
-            row["client_cpu_ms"] = 1000 * (time.process_time() - client_cpu) / answered
-            rows.append(row)
-            print(f"    c={concurrency:<3} {_fmt(rows[-1])}", flush=True)
+@dataclass(frozen=True)
+class Running:
+    """A server under test: its port, its process id and the prediction request it answers."""
+
+    port: int
+    pid: int
+    request: bytes
+
+
+@contextmanager
+def running(specs: dict[str, tuple], image: bytes) -> Iterator[dict[str, Running]]:
+    """Every server in `specs` started at once, for the whole comparison, so that they can take turns."""
+    with ExitStack() as stack:
+        servers = {}
+        for label, (app, env, probe, path) in specs.items():
+            port, pid = stack.enter_context(server(app, env, probe))
+            servers[label] = Running(port, pid, multipart_request(HOST, port, path, image))
+        yield servers
+
+
+def take_turns(servers: dict[str, Running], concurrencies: list[int], duration: float) -> dict[str, list[dict]]:
+    """One pass: at each concurrency, each server in turn, so a noisy spell on the machine lands on all of them
+    rather than on one. Per server, its rows."""
+    rows: dict[str, list[dict]] = {label: [] for label in servers}
+    for concurrency in concurrencies:
+        for label, target in servers.items():
+            rows[label].append(http_row(target, concurrency, duration))
+            print(f"  {label:24s} c={concurrency:<3} {_fmt(rows[label][-1])}", flush=True)
     return rows
+
+
+def http_row(target: Running, concurrency: int, duration: float) -> dict[str, float]:
+    """Latency, throughput and CPU time per request of server and load generator, after a short warm-up."""
+    asyncio.run(run_load(HOST, target.port, target.request, concurrency, duration=min(1.0, duration)))
+    server_cpu, client_cpu = _cpu_seconds(target.pid), time.process_time()
+    row = asyncio.run(run_load(HOST, target.port, target.request, concurrency, duration=duration)).summary()
+    answered = max(1, row["requests"] + row["errors"])
+    row["server_cpu_ms"] = 1000 * (_cpu_seconds(target.pid) - server_cpu) / answered
+    row["client_cpu_ms"] = 1000 * (time.process_time() - client_cpu) / answered
+    return row
 
 
 def median_of_passes(passes: list[dict]) -> dict:
@@ -186,14 +212,10 @@ def median_rows(passes: list[list[dict[str, float]]]) -> list[dict[str, float]]:
 
 
 def compare_settings(specs: dict[str, tuple], image: bytes, duration: float, repeats: int) -> dict[str, list]:
-    """Our server under each setting at concurrency 1 and 64, the settings taking turns within every pass (so
-    each is measured next to the others); medians over the passes."""
-    passes: dict[str, list[list[dict[str, float]]]] = {label: [] for label in specs}
-    for _ in range(repeats):
-        for label, spec in specs.items():
-            print(f"  {label}", flush=True)
-            passes[label].append(http_numbers(spec, image, [1, 64], duration))
-    return {label: median_rows(rows) for label, rows in passes.items()}
+    """Our server under each setting at concurrency 1 and 64, taking turns; medians over the passes."""
+    with running(specs, image) as servers:
+        passes = [take_turns(servers, [1, 64], duration) for _ in range(repeats)]
+    return {label: median_rows([one[label] for one in passes]) for label in specs}
 
 
 def load_run(spec: tuple, image: bytes, total: int, concurrency: int) -> dict[str, object]:
@@ -252,8 +274,8 @@ def markdown(report: dict) -> str:
         "",
         "Untrained weights (speed does not depend on them). One uvicorn worker per server; the load generator "
         f"runs on the same machine. Every table but the load run shows medians over {report['repeats']} passes: "
-        "in each, the raw model and then the three servers, or the settings compared, one after the other. The "
-        "machine may be shared, so treat small differences as noise.",
+        "in each, the raw model, then at each concurrency the three servers (or the settings compared) in turn, "
+        "all started beforehand. The machine may be shared, so treat small differences as noise.",
         "",
         "## Raw model, one process",
         "",
@@ -390,18 +412,17 @@ def main(argv: list[str] | None = None) -> dict:
             net = build(name)
             onnx_path = export_like_training(net, files / f"{name}.onnx", name)
             torch.save(net.state_dict(), files / f"{name}.pt")
+            specs = {
+                "onnx (serve/)": ours(onnx_path),
+                "bare ASGI floor": floor(onnx_path),
+                BASELINE: baseline(name, files / f"{name}.pt"),
+            }
             passes = []
-            for repeat in range(args.repeats):
-                print(f"{name}, pass {repeat + 1} of {args.repeats}: raw model", flush=True)
-                one = {"raw": raw_numbers(net, onnx_path), "http": {}}
-                for server_name, spec in (
-                    ("onnx (serve/)", ours(onnx_path)),
-                    ("bare ASGI floor", floor(onnx_path)),
-                    (BASELINE, baseline(name, files / f"{name}.pt")),
-                ):
-                    print(f"  {server_name}", flush=True)
-                    one["http"][server_name] = http_numbers(spec, image, args.concurrency, args.duration)
-                passes.append(one)
+            with running(specs, image) as servers:  # idle while the raw model is measured
+                for repeat in range(args.repeats):
+                    print(f"{name}, pass {repeat + 1} of {args.repeats}", flush=True)
+                    raw = raw_numbers(net, onnx_path)
+                    passes.append({"raw": raw, "http": take_turns(servers, args.concurrency, args.duration)})
             report["models"][name] = {**median_of_passes(passes), "passes": passes}
         first = args.models[0]
         if args.settings:

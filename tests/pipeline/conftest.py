@@ -51,7 +51,6 @@ class Emulator:
         self.hold: Callable[[str, str], bool] | None = None  # (HTTP method, path) -> hold this request?
         self.held = threading.Event()  # set when a request is being held
         self.release = threading.Event()
-        self.answered: list[tuple[str, str]] = []  # (HTTP method, path) of every request served, in order
         self._install_gate()
 
     def _install_gate(self) -> None:
@@ -67,7 +66,6 @@ class Emulator:
                     emulator.held.set()
                     emulator.release.wait(60)
                 original(handler)
-                emulator.answered.append((handler.command, handler.path))
 
             return handle
 
@@ -79,6 +77,11 @@ class Emulator:
         listing = f"{self.url}/storage/v1/b/{BUCKET}/o"
         with urllib.request.urlopen(listing, timeout=10) as response:
             return [item["name"] for item in json.load(response).get("items", [])]
+
+    def stored(self) -> int:
+        """How many objects the bucket holds, read in this process: a gate may ask while it decides on a request,
+        when a request to the emulator would wait behind the one being decided on."""
+        return len(self.server._storage.objects.get(BUCKET, {}))
 
     def wipe(self) -> None:
         self.server.wipe(keep_buckets=True)

@@ -175,14 +175,13 @@ def _kill_while_held(process: subprocess.Popen, gcs: Emulator) -> None:
 def test_interrupted_push_is_retried_to_completion(pipeline_repo: Path, gcs: Emulator):
     repo = pipeline_repo
     gcs.wipe()
-    answered_before = len(gcs.answered)
 
-    def hold_an_upload_after_the_first_stored(method: str, path: str) -> bool:
-        # counted on answered requests, so that a retried first upload (a slow, busy machine) is not the one held
-        stored = [p for m, p in gcs.answered[answered_before:] if m == "POST" and "/upload/" in p]
-        return method == "POST" and "/upload/" in path and len(stored) >= 1
+    def hold_an_upload_once_an_object_is_stored(method: str, path: str) -> bool:
+        # decided on what the bucket holds, not on the upload requests answered so far: an answered upload request
+        # need not have stored anything (a resumable upload's first request, one a retry replaced)
+        return method in ("POST", "PUT") and "/upload/" in path and gcs.stored() >= 1
 
-    gcs.hold = hold_an_upload_after_the_first_stored
+    gcs.hold = hold_an_upload_once_an_object_is_stored
     _kill_while_held(_dvc_process(repo, "push"), gcs)
     partial = gcs.objects()
     assert 1 <= len(partial) < 9 and status(repo, "-c") != {}

@@ -3,7 +3,7 @@
 The prediction route holds a whole body in memory anyway (the body limit bounds it). python-multipart parses
 a stream, stepping through every part's headers one byte at a time in Python: for a one-image request that took
 about as long as decoding the image. Here `bytes.find` locates each delimiter and header block, and only the
-Content-Disposition parameters go through python-multipart's own parser (quoted strings, RFC 2231 names).
+Content-Disposition parameters go through python-multipart's own parser (quoted strings and their escapes).
 tests/serve/test_serve_multipart.py checks the parts against python-multipart's parser on the same bodies.
 """
 

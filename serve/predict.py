@@ -110,7 +110,7 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[str | No
 
 def _files(body: bytes, content_type: str, max_files: int) -> tuple[list[str | None], list[bytes]]:
     """The uploads of the `files` field, in order. Uploads in other fields are counted against the limit and
-    dropped; plain fields are dropped, except in `files`."""
+    dropped; plain fields are dropped too, but a plain `files` field is refused."""
     names: list[str | None] = []
     blobs: list[bytes] = []
     uploads = fields = 0

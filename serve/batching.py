@@ -3,12 +3,21 @@
 One batch runs at a time. While it runs, new requests queue; the next batch takes all of them (up to
 `max_batch_size` images), so batches grow with the load by themselves. A batch waits up to `max_wait_ms`
 for more only while other requests are still arriving (being read or decoded): a lone request never waits.
+Bookkeeping about a batch (metrics, drift statistics) goes to `record`, which runs on the event loop once the
+batch's requests have been answered, so it never delays an answer.
+
+The worker thread takes requests straight from a thread-safe queue and hands each batch's answers back with
+one `call_soon_threadsafe`: a round trip of about 25 µs here, against 60-70 µs through an asyncio queue, a
+batching task and `run_in_executor`, which a lone request pays in full.
 """
 
 import asyncio
 import contextlib
+import logging
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -19,6 +28,9 @@ from serve.errors import ApiError
 T = TypeVar("T")
 # images [N, ...] -> (outputs [N, ...], a tag for the caller, e.g. the model that computed them)
 Infer = Callable[[np.ndarray], tuple[np.ndarray, T]]
+# (images, outputs, tag, seconds the model call took) of a batch whose requests have been answered
+Record = Callable[[np.ndarray, np.ndarray, T, float], None]
+_STOP = None  # queued by stop(): the worker finishes what was queued before it, then exits
 
 
 class BatchFailed(Exception):
@@ -32,16 +44,20 @@ class _Item(Generic[T]):
 
 
 class MicroBatcher(Generic[T]):
-    def __init__(self, infer: Infer[T], max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(
+        self, infer: Infer[T], max_batch_size: int, max_wait_ms: float, record: Record[T] | None = None
+    ) -> None:
         self._infer = infer
+        self._record = record
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self._queue: asyncio.Queue[_Item[T] | None] = asyncio.Queue()
-        self._carry: _Item[T] | None = None
+        self._queue: queue.SimpleQueue[_Item[T] | None] = queue.SimpleQueue()
+        self._carry: _Item[T] | None = None  # taken from the queue but left for the next batch (worker only)
         self._arriving = 0
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: threading.Thread | None = None
+        self._finished: asyncio.Future[None] | None = None
 
     @property
     def backlog(self) -> int:
@@ -53,7 +69,11 @@ class MicroBatcher(Generic[T]):
         return self._closed
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._finished = self._loop.create_future()
+        # a daemon: a model call that never returns must not keep the process from exiting
+        self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
+        self._worker.start()
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -69,46 +89,48 @@ class MicroBatcher(Generic[T]):
         if self._closed:
             raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
         future: asyncio.Future[tuple[np.ndarray, T]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(images, future))
+        self._queue.put(_Item(images, future))
         return await future
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, finish everything queued, then stop the worker thread."""
         self._closed = True
-        self._queue.put_nowait(None)
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except TimeoutError:
-                self._fail_queued(ApiError(503, "shutting_down", "the server stopped before this request ran"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._queue.put(_STOP)
+        if self._finished is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._finished), timeout)
+        except TimeoutError:
+            self._fail_queued(ApiError(503, "shutting_down", "the server stopped before this request ran"))
 
-    async def _loop(self) -> None:
+    def _work(self) -> None:
+        """The worker thread: collect a batch, run it, hand the answers to the event loop; until the stop mark."""
         running = True
         while running:
-            batch, running = await self._collect()
+            batch, running = self._collect()
             if batch:
-                await self._run(batch)
+                self._run(batch)
+        self._call_on_loop(_resolve, self._finished)
 
-    async def _collect(self) -> tuple[list[_Item[T]], bool]:
-        """The next batch, and False once the stop sentinel has been seen (everything before it is in the batch)."""
-        first = self._carry or await self._queue.get()
+    def _collect(self) -> tuple[list[_Item[T]], bool]:
+        """The next batch, and False once the stop mark has been seen (everything before it is in the batch)."""
+        first = self._carry or self._queue.get()
         self._carry = None
-        if first is None:
+        if first is _STOP:
             return [], False
-        loop = asyncio.get_running_loop()
-        batch, size, deadline = [first], len(first.images), loop.time() + self.max_wait
+        batch, size, deadline = [first], len(first.images), time.monotonic() + self.max_wait
         while size < self.max_batch_size:
-            if not self._queue.empty():
+            try:
                 item = self._queue.get_nowait()
-            elif self._arriving and (remaining := deadline - loop.time()) > 0:
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if not (self._arriving and remaining > 0):
                     break
-            else:
-                break
-            if item is None:
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is _STOP:
                 return batch, False
             if size + len(item.images) > self.max_batch_size:
                 self._carry = item  # it starts the next batch rather than overfilling this one
@@ -117,30 +139,54 @@ class MicroBatcher(Generic[T]):
             size += len(item.images)
         return batch, True
 
-    async def _run(self, batch: list[_Item[T]]) -> None:
+    def _run(self, batch: list[_Item[T]]) -> None:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         try:
-            outputs, tag = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, images)
+            started = time.perf_counter()
+            outputs, tag = self._infer(images)
+            seconds = time.perf_counter() - started
             if len(outputs) != len(images):
                 raise ValueError(f"the model returned {len(outputs)} rows for {len(images)} images")
         except Exception as error:
             failure = BatchFailed(f"inference failed for a batch of {len(images)} images: {error}")
-            for item in batch:
-                _settle(item, error=failure)
+            self._call_on_loop(self._fail, batch, failure)
             return
+        self._call_on_loop(self._answer, batch, images, outputs, tag, seconds)
+
+    def _call_on_loop(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _answer(self, batch: list[_Item[T]], images: np.ndarray, outputs: np.ndarray, tag: T, seconds: float) -> None:
+        """On the event loop: each request its rows; then the bookkeeping, queued behind the requests' handlers,
+        which run (and send their answers) first."""
         start = 0
         for item in batch:
             stop = start + len(item.images)
             _settle(item, result=(outputs[start:stop], tag))
             start = stop
+        if self._record is not None:
+            assert self._loop is not None
+            self._loop.call_soon(self._record_quietly, images, outputs, tag, seconds)
+
+    def _fail(self, batch: list[_Item[T]], error: Exception) -> None:
+        for item in batch:
+            _settle(item, error=error)
+
+    def _record_quietly(self, images: np.ndarray, outputs: np.ndarray, tag: T, seconds: float) -> None:
+        assert self._record is not None
+        try:
+            self._record(images, outputs, tag, seconds)
+        except Exception:  # bookkeeping must never stop the batcher; the answers are already out
+            logging.getLogger(__name__).exception("recording a batch failed")
 
     def _fail_queued(self, error: Exception) -> None:
         pending: list[_Item[T] | None] = [self._carry]
-        while not self._queue.empty():
-            pending.append(self._queue.get_nowait())
-        for item in pending:
-            if item is not None:
-                _settle(item, error=error)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                pending.append(self._queue.get_nowait())
+        self._fail([item for item in pending if item is not None], error)
 
 
 def _settle(item: _Item[T], result: tuple[np.ndarray, T] | None = None, error: Exception | None = None) -> None:
@@ -150,3 +196,8 @@ def _settle(item: _Item[T], result: tuple[np.ndarray, T] | None = None, error: E
         item.future.set_exception(error)
     else:
         item.future.set_result(result)  # type: ignore[arg-type]
+
+
+def _resolve(future: "asyncio.Future[None] | None") -> None:
+    if future is not None and not future.done():
+        future.set_result(None)

@@ -4,7 +4,6 @@ copies, the feedback store, reloads, and start/stop."""
 import asyncio
 import contextlib
 import signal
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +49,7 @@ class Variant:
         self.model: LoadedModel | None = None
         self.drift: DriftMonitor | None = None
         self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
-            self._infer, settings.max_batch_size, settings.max_wait_ms
+            self._infer, settings.max_batch_size, settings.max_wait_ms, record=self._record
         )
 
     def current(self) -> LoadedModel:
@@ -70,17 +69,17 @@ class Variant:
         return self.drift.report()
 
     def _infer(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
-        """Runs on the batcher's worker thread: the model call, softmax, metrics and the drift window."""
-        model, drift = self.current(), self.drift  # read once: the whole batch runs on one model
-        started = time.perf_counter()
-        logits = model.logits(images)
-        self.metrics.inference_duration.labels(variant=self.name).observe(time.perf_counter() - started)
+        """Runs on the batcher's worker thread: the model call and softmax."""
+        model = self.current()  # read once: the whole batch runs on one model
+        return softmax(model.logits(images)), model
+
+    def _record(self, images: np.ndarray, probabilities: np.ndarray, model: LoadedModel, seconds: float) -> None:
+        """After the batch's answers: metrics and the drift window."""
+        self.metrics.inference_duration.labels(variant=self.name).observe(seconds)
         self.metrics.batch_size.labels(variant=self.name).observe(len(images))
-        probabilities = softmax(logits)
         self.metrics.record_predictions(self.name, model.classes, probabilities)
-        if drift is not None:
-            drift.observe(images, probabilities)
-        return probabilities, model
+        if self.drift is not None and self.model is model:  # a reload in between: the batch is not its model's
+            self.drift.observe(images, probabilities)
 
 
 class Service:

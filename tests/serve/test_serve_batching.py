@@ -50,7 +50,7 @@ def test_concurrent_requests_share_a_call_and_get_their_own_rows():
     assert recorder.batches == [7]
     for index, (rows, tag) in enumerate(results):
         assert rows.shape == ([1, 3, 2, 1][index], 1) and (rows == index).all() and tag == "call-1"
-    assert recorder.thread_names == {"inference_0"}  # off the event loop, on the batcher's own thread
+    assert recorder.thread_names == {"inference"}  # off the event loop, on the batcher's own thread
 
 
 def test_batches_never_exceed_the_maximum():
@@ -128,3 +128,36 @@ def test_stop_finishes_queued_requests_then_refuses_new_ones():
     results, recorder = asyncio.run(scenario())
     assert [int(rows[0, 0]) for rows, _ in results] == list(range(6))
     assert recorder.batches == [2, 2, 2]
+
+
+def test_record_sees_each_batch_after_its_requests_have_their_answers():
+    events: list[str] = []
+    recorded: list[tuple[list[int], list[float], str, float]] = []
+
+    def record(batch: np.ndarray, outputs: np.ndarray, tag: str, seconds: float) -> None:
+        events.append(f"record {tag}")
+        recorded.append((batch[:, 0, 0, 0].tolist(), outputs[:, 0].tolist(), tag, seconds))
+        if tag == "call-1":
+            raise RuntimeError("bookkeeping exploded")  # logged; the batcher goes on
+
+    async def ask(batcher: MicroBatcher, value: int) -> None:
+        _, tag = await batcher.submit(images(1, value))
+        events.append(f"answer {value} from {tag}")  # a handler resumes, and would send, here
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(Recorder(delay=0.01), max_batch_size=64, max_wait_ms=0, record=record)
+        batcher.start()
+        await asyncio.gather(ask(batcher, 1), ask(batcher, 2))
+        await ask(batcher, 3)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert events == [
+        "answer 1 from call-1",
+        "answer 2 from call-1",
+        "record call-1",
+        "answer 3 from call-2",
+        "record call-2",
+    ]
+    assert [r[:3] for r in recorded] == [([1, 2], [1.0, 2.0], "call-1"), ([3], [3.0], "call-2")]
+    assert all(0.01 <= seconds < 1 for *_, seconds in recorded)  # the model call's own time, sleep included

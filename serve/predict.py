@@ -19,7 +19,6 @@ from fastapi import Query
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.auth import API_KEY_HEADER, check_api_key
@@ -89,8 +88,14 @@ class PredictHandler:
                 "predictions": predictions,
             }
         )
-        response = Response(body.model_dump_json(), media_type="application/json", headers={"X-Model-Variant": variant})
-        await response(scope, receive, send)
+        payload = body.model_dump_json().encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-model-variant", variant.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 def _top_k(given: str | None) -> int | None:

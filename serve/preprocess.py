@@ -41,7 +41,11 @@ def decode_image(blob: bytes, max_pixels: int, index: int = 0) -> np.ndarray:
         with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
             if image.width * image.height > max_pixels:
                 raise _too_many_pixels(index, f"{image.width}x{image.height}", max_pixels)
-            rgb = image.convert("RGB")  # animated formats: the first frame
+            # convert copies even an RGB image; animated formats: the first frame
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            if rgb.size != SIZE:
+                rgb = rgb.resize(SIZE, RESAMPLE)
+            return np.asarray(rgb, dtype=np.uint8)  # inside the block: a closed image has no pixels
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_many_pixels(index, str(error), max_pixels) from error
     except UnidentifiedImageError as error:
@@ -51,9 +55,6 @@ def decode_image(blob: bytes, max_pixels: int, index: int = 0) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # truncated files, corrupt headers, modes Pillow cannot convert
         raise ApiError(422, "invalid_image", f"image {index} cannot be decoded: {error}") from error
-    if rgb.size != SIZE:
-        rgb = rgb.resize(SIZE, RESAMPLE)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _too_many_pixels(index: int, what: str, max_pixels: int) -> ApiError:

@@ -34,14 +34,18 @@ def images(count: int, value: int) -> np.ndarray:
 
 
 async def submit_many(batcher: MicroBatcher, sizes: list[int]) -> list:
-    return await asyncio.gather(*(batcher.submit(images(n, i)) for i, n in enumerate(sizes)), return_exceptions=True)
+    """Submit requests of these sizes together and start the batcher once all are queued: its thread takes work as
+    soon as it wakes, so requests that should share a call must be waiting before it does."""
+    requests = [asyncio.ensure_future(batcher.submit(images(n, i))) for i, n in enumerate(sizes)]
+    await asyncio.sleep(0)  # each request runs up to its await: all are queued
+    batcher.start()
+    return await asyncio.gather(*requests, return_exceptions=True)
 
 
 def test_concurrent_requests_share_a_call_and_get_their_own_rows():
     async def scenario() -> tuple[Recorder, list]:
         recorder = Recorder()
         batcher = MicroBatcher(recorder, max_batch_size=64, max_wait_ms=0)
-        batcher.start()
         results = await submit_many(batcher, [1, 3, 2, 1])
         await batcher.stop()
         return recorder, results
@@ -57,7 +61,6 @@ def test_batches_never_exceed_the_maximum():
     async def scenario() -> Recorder:
         recorder = Recorder()
         batcher = MicroBatcher(recorder, max_batch_size=4, max_wait_ms=0)
-        batcher.start()
         results = await submit_many(batcher, [3, 3, 1, 1, 2, 6])
         await batcher.stop()
         assert not [r for r in results if isinstance(r, BaseException)]
@@ -99,7 +102,6 @@ def test_a_failed_batch_answers_every_request_in_it_and_the_next_batch_runs():
     async def scenario() -> tuple[list, tuple]:
         recorder = Recorder(fail=True)
         batcher = MicroBatcher(recorder, max_batch_size=64, max_wait_ms=0)
-        batcher.start()
         failed = await asyncio.wait_for(submit_many(batcher, [1, 2, 1]), timeout=10)
         recorder.fail = False
         after = await asyncio.wait_for(batcher.submit(images(1, 9)), timeout=10)
@@ -115,11 +117,11 @@ def test_stop_finishes_queued_requests_then_refuses_new_ones():
     async def scenario() -> tuple[list, Recorder]:
         recorder = Recorder(delay=0.05)
         batcher = MicroBatcher(recorder, max_batch_size=2, max_wait_ms=0)
-        batcher.start()
-        pending = asyncio.gather(*(batcher.submit(images(1, i)) for i in range(6)))
+        requests = [asyncio.ensure_future(batcher.submit(images(1, i))) for i in range(6)]
         await asyncio.sleep(0)  # all six are queued
+        batcher.start()
         await batcher.stop()
-        results = await pending
+        results = await asyncio.gather(*requests)
         with pytest.raises(ApiError) as refused:
             await batcher.submit(images(1, 0))
         assert refused.value.status == 503
@@ -146,8 +148,10 @@ def test_record_sees_each_batch_after_its_requests_have_their_answers():
 
     async def scenario() -> None:
         batcher = MicroBatcher(Recorder(delay=0.01), max_batch_size=64, max_wait_ms=0, record=record)
+        asking = [asyncio.ensure_future(ask(batcher, value)) for value in (1, 2)]
+        await asyncio.sleep(0)  # both queued before the worker starts: one batch
         batcher.start()
-        await asyncio.gather(ask(batcher, 1), ask(batcher, 2))
+        await asyncio.gather(*asking)
         await ask(batcher, 3)
         await batcher.stop()
 

@@ -27,7 +27,7 @@ from serve.errors import ApiError, describe_validation
 from serve.middleware import request_id_of
 from serve.multipart import MultipartError, boundary_of, parts
 from serve.preprocess import decode_batch
-from serve.schemas import PredictJSON, PredictResponse
+from serve.schemas import ModelRef, PredictJSON, PredictResponse
 from serve.service import Answer, Service
 
 TopK = Annotated[int | None, Query(ge=1, le=1000, description="probabilities per image")]
@@ -84,7 +84,7 @@ class PredictHandler:
             {
                 "request_id": request_id,
                 "variant": variant,
-                "model": {"name": model.name, "version": model.version, "run_id": model.run_id},
+                "model": ModelRef.of(model),
                 "predictions": predictions,
             }
         )

@@ -147,6 +147,30 @@ def test_metrics_use_the_agreed_names_and_count_requests(client, server, onnx_mo
     assert sum(float(line.rsplit(" ", 1)[1]) for line in predictions) >= 3
 
 
+def test_a_scrape_right_after_an_answer_counts_its_batch(client, server):
+    # the batch's bookkeeping runs after its answers are sent, but before the server reads another request
+    def counted() -> tuple[float, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        predictions = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("cifarlab_predictions_total{")
+        )
+        (confidences,) = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('cifarlab_prediction_confidence_count{variant="default"}')
+        ]
+        return predictions, confidences
+
+    before = counted()
+    for images in (3, 1, 2):
+        assert client.post("/v1/predict", files=files(*[png()] * images)).status_code == 200
+        after = counted()
+        assert (after[0] - before[0], after[1] - before[1]) == (images, images)
+        before = after
+
+
 def test_one_json_log_line_per_request_with_id_label_and_latency(client, server):
     response = client.post("/v1/predict", files=files(png()), headers={"X-Request-ID": "log-check-1"})
     label = response.json()["predictions"][0]["label"]

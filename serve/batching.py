@@ -56,7 +56,6 @@ class MicroBatcher(Generic[T]):
         self._arriving = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
 
     @property
@@ -72,8 +71,7 @@ class MicroBatcher(Generic[T]):
         self._loop = asyncio.get_running_loop()
         self._finished = self._loop.create_future()
         # a daemon: a model call that never returns must not keep the process from exiting
-        self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
-        self._worker.start()
+        threading.Thread(target=self._work, name="inference", daemon=True).start()
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:

@@ -19,6 +19,13 @@ def request_id_of(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", ""))
 
 
+async def send_json(send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer with an encoded JSON body, its length, and any further headers."""
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestContextMiddleware:
     """Gives each request an id (the client's X-Request-ID if sane, else a new one) and returns it; counts,
     times and logs every request. Handlers add log fields through `request.state.log`."""
@@ -115,6 +122,4 @@ class BodyLimitMiddleware:
     @staticmethod
     async def _refuse(scope: Scope, send: Send, error: ApiError) -> None:
         body = json.dumps(error_body(error.code, error.message, request_id_of(scope))).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, error.status, body)

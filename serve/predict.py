@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serve.auth import API_KEY_HEADER, check_api_key
 from serve.batching import BatchFailed
 from serve.errors import ApiError, describe_validation
-from serve.middleware import request_id_of
+from serve.middleware import request_id_of, send_json
 from serve.multipart import MultipartError, boundary_of, parts
 from serve.preprocess import decode_batch
 from serve.schemas import ModelRef, PredictJSON, PredictResponse
@@ -88,14 +88,7 @@ class PredictHandler:
                 "predictions": predictions,
             }
         )
-        payload = body.model_dump_json().encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            (b"x-model-variant", variant.encode()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send_json(send, 200, body.model_dump_json().encode(), ((b"x-model-variant", variant.encode()),))
 
 
 def _top_k(given: str | None) -> int | None:

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from serve.batching import Infer, MicroBatcher
 from serve.drift import softmax
+from serve.middleware import send_json
 from serve.model import LoadedModel, load_model
 from serve.preprocess import decode_image
 from serve.settings import load_settings
@@ -27,7 +28,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
     elif scope["path"] == "/readyz":
-        await _respond(send, b'{"status": "ready"}')
+        await send_json(send, 200, b'{"status": "ready"}')
     else:
         await _predict(receive, send)
 
@@ -68,10 +69,4 @@ async def _predict(receive: Receive, send: Send) -> None:
         images = decode_image(upload, _state["max_pixels"])[None]
     probabilities, _ = await batcher.submit(images)
     best = int(probabilities[0].argmax())
-    await _respond(send, json.dumps({"class_index": best, "confidence": float(probabilities[0, best])}).encode())
-
-
-async def _respond(send: Send, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 200, json.dumps({"class_index": best, "confidence": float(probabilities[0, best])}).encode())

@@ -6,7 +6,7 @@ Hyper-parameters are plain config dicts (network, optimizer, scheduler), saved i
 
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,15 +24,6 @@ from cifarlab.metrics import classification_metrics, summarize
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-@runtime_checkable
-class FitsWhitening(Protocol):
-    """A network whose first layer is fitted to training images before training (airbench's whitening)."""
-
-    whitening_fitted: Tensor
-
-    def fit_whitening(self, images: Tensor) -> None: ...
 
 
 class ClassifierNet(nn.Module):
@@ -159,12 +150,17 @@ class ImageClassifier(L.LightningModule):
         return self.net(images)
 
     def on_fit_start(self) -> None:
+        # A network whose first layer is fitted to training images (airbench's whitening) has `fit_whitening`
+        # and a `whitening_fitted` buffer. Looked up by name: a runtime-checkable Protocol does not see module
+        # buffers from Python 3.12 on (isinstance looks attributes up statically), and so skipped the fit there.
         backbone = self.net.backbone
-        if isinstance(backbone, FitsWhitening) and not bool(backbone.whitening_fitted):
-            datamodule = getattr(self.trainer, "datamodule", None)  # set by Lightning at fit time, not declared
-            if datamodule is None or not hasattr(datamodule, "train_images"):
-                raise RuntimeError("this network fits its first layer on training images: train it with a datamodule")
-            backbone.fit_whitening(self.net.preprocess(datamodule.train_images[:5000]))
+        fit_whitening = getattr(backbone, "fit_whitening", None)
+        if fit_whitening is None or bool(backbone.whitening_fitted):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)  # set by Lightning at fit time, not declared
+        if datamodule is None or not hasattr(datamodule, "train_images"):
+            raise RuntimeError("this network fits its first layer on training images: train it with a datamodule")
+        fit_whitening(self.net.preprocess(datamodule.train_images[:5000]))
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # the sanity check's validation must not count as a best

@@ -257,11 +257,24 @@ def report(results: dict, meta: dict) -> str:
     template = results["template"]["summary"]
     lines.append("")
     lines.append(f"{meta['experiment']} on {meta['device_name']}, {meta['epochs']} epochs x {meta['steps']} steps")
+    lines.append(accuracy_agreement(template, raw))
     if template["epoch_seconds_median"] and raw["epoch_seconds_median"]:
         per_epoch = template["epoch_seconds_median"] / raw["epoch_seconds_median"]
         lines.append(f"template/raw per-epoch time ratio: {per_epoch:.3f}")
     lines.append(f"template/raw training time ratio: {meta['ratio']:.3f}")
     return "\n".join(lines)
+
+
+def accuracy_agreement(template: dict, raw: dict) -> str:
+    """The template's mean test accuracy against the raw loop's. Both train the same function on the same
+    batches, so a gap wider than their two 95% intervals together means one path differs (a layer left
+    unfitted, a setting not applied), not noise."""
+    gap = 100 * (template["test_acc_mean"] - raw["test_acc_mean"])
+    line = f"template - raw test accuracy: {gap:+.2f} points"
+    intervals = (template["test_acc_ci95"], raw["test_acc_ci95"])
+    if None not in intervals and abs(gap) > 100 * sum(intervals):
+        line += " (WARNING: outside both 95% intervals: the two paths do not train the same function)"
+    return line
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -41,6 +41,7 @@ def test_one_epoch_benchmark_reports_both_paths_and_their_ratio(tmp_path, prepar
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == f"{ratio:.3f}"  # the last line is the ratio alone
     assert any(line.startswith("template ") for line in printed) and any(line.startswith("raw ") for line in printed)
+    assert any(line.startswith("template - raw test accuracy: ") for line in printed)
 
 
 def test_recipe_is_composed_for_the_requested_device(prepared_root):
@@ -62,3 +63,14 @@ def test_summary_medians_and_student_t_interval():
     assert summary["test_acc_mean"] == pytest.approx(0.94)
     # by hand: sample stdev 0.00707, t(4) 2.776, sqrt(5) 2.236
     assert summary["test_acc_ci95"] == pytest.approx(2.776 * 0.0070711 / 5**0.5, rel=0.01)
+
+
+def test_report_warns_when_template_and_raw_accuracies_disagree():
+    def summary(mean: float, ci: float | None) -> dict:
+        return {"test_acc_mean": mean, "test_acc_ci95": ci}
+
+    # the H200 figures of a template that skipped its whitening fit (docs/results.md): 90.20 +-0.11 vs 90.59 +-0.10
+    line = bench_speed.accuracy_agreement(summary(0.9020, 0.0011), summary(0.9059, 0.0010))
+    assert line.startswith("template - raw test accuracy: -0.39 points") and "WARNING" in line
+    assert "WARNING" not in bench_speed.accuracy_agreement(summary(0.9055, 0.0011), summary(0.9059, 0.0010))
+    assert "WARNING" not in bench_speed.accuracy_agreement(summary(0.80, None), summary(0.90, None))  # one seed

@@ -3,12 +3,16 @@
 import asyncio
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
 from serve.batching import BatchFailed, MicroBatcher
 from serve.errors import ApiError
+
+T = TypeVar("T")
 
 
 class Recorder:
@@ -33,12 +37,18 @@ def images(count: int, value: int) -> np.ndarray:
     return np.full((count, 32, 32, 3), value, dtype=np.uint8)
 
 
-async def submit_many(batcher: MicroBatcher, sizes: list[int]) -> list:
-    """Submit requests of these sizes together and start the batcher once all are queued: its thread takes work as
-    soon as it wakes, so requests that should share a call must be waiting before it does."""
-    requests = [asyncio.ensure_future(batcher.submit(images(n, i))) for i, n in enumerate(sizes)]
-    await asyncio.sleep(0)  # each request runs up to its await: all are queued
+async def queue_then_start(batcher: MicroBatcher, requests: list[Coroutine[Any, Any, T]]) -> list[asyncio.Future[T]]:
+    """Schedule the requests, let each run up to its await (all are then queued), and only then start the batcher:
+    its thread takes work as soon as it wakes, so requests that should share a call must be waiting before it does."""
+    futures = [asyncio.ensure_future(request) for request in requests]
+    await asyncio.sleep(0)
     batcher.start()
+    return futures
+
+
+async def submit_many(batcher: MicroBatcher, sizes: list[int]) -> list:
+    """Requests of these sizes, queued together before the batcher starts; their results or exceptions."""
+    requests = await queue_then_start(batcher, [batcher.submit(images(n, i)) for i, n in enumerate(sizes)])
     return await asyncio.gather(*requests, return_exceptions=True)
 
 
@@ -117,9 +127,7 @@ def test_stop_finishes_queued_requests_then_refuses_new_ones():
     async def scenario() -> tuple[list, Recorder]:
         recorder = Recorder(delay=0.05)
         batcher = MicroBatcher(recorder, max_batch_size=2, max_wait_ms=0)
-        requests = [asyncio.ensure_future(batcher.submit(images(1, i))) for i in range(6)]
-        await asyncio.sleep(0)  # all six are queued
-        batcher.start()
+        requests = await queue_then_start(batcher, [batcher.submit(images(1, i)) for i in range(6)])
         await batcher.stop()
         results = await asyncio.gather(*requests)
         with pytest.raises(ApiError) as refused:
@@ -148,9 +156,7 @@ def test_record_sees_each_batch_after_its_requests_have_their_answers():
 
     async def scenario() -> None:
         batcher = MicroBatcher(Recorder(delay=0.01), max_batch_size=64, max_wait_ms=0, record=record)
-        asking = [asyncio.ensure_future(ask(batcher, value)) for value in (1, 2)]
-        await asyncio.sleep(0)  # both queued before the worker starts: one batch
-        batcher.start()
+        asking = await queue_then_start(batcher, [ask(batcher, 1), ask(batcher, 2)])  # one batch
         await asyncio.gather(*asking)
         await ask(batcher, 3)
         await batcher.stop()

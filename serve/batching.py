@@ -52,7 +52,9 @@ class MicroBatcher(Generic[T]):
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self._queue: queue.SimpleQueue[_Item[T] | None] = queue.SimpleQueue()
-        self._carry: _Item[T] | None = None  # taken from the queue but left for the next batch (worker only)
+        # taken from the queue but left for the next batch: the worker's, except when stop() times out while
+        # the worker is stuck in a model call and fails it with the rest of the queue
+        self._carry: _Item[T] | None = None
         self._arriving = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -67,15 +67,17 @@ class AirbenchNet(nn.Module):
         """Set the whitening filters from normalised training images [N, 3, H, W] (a few thousand suffice)."""
         kernel = self.whiten.kernel_size[0]
         channels = images.shape[1]
-        patches = images.float().unfold(2, kernel, 1).unfold(3, kernel, 1)  # N, C, H', W', k, k
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * kernel * kernel).double()
+        # On the CPU in float64, whatever the training device: the sum over millions of patches wants float64,
+        # which MPS lacks, and MPS has no eigh. 5,000 images take 1.4-2 s on a busy 2-core CPU.
+        patches = images.detach().float().cpu().double().unfold(2, kernel, 1).unfold(3, kernel, 1)  # N,C,H',W',k,k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * kernel * kernel)
         eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
         # Strongest directions first, each scaled to unit variance; the negated copies let GELU pass both signs.
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0)
         filters = filters.reshape(-1, channels, kernel, kernel)
         half = self.whiten.out_channels // 2
-        weight = torch.cat([filters[:half], -filters[:half]]).to(self.whiten.weight)
-        self.whiten.weight.copy_(weight)
+        weight = torch.cat([filters[:half], -filters[:half]]).to(self.whiten.weight.dtype)
+        self.whiten.weight.copy_(weight.to(self.whiten.weight))  # cast on the CPU above, only moved here
         self.whitening_fitted.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ class OnnxExport(Callback):
         if not trainer.is_global_zero:
             return
         if not self._export_new_best(trainer, pl_module) and self.exported_from is None:
-            self._export(trainer, pl_module, source="final weights")
+            self._export(trainer, _cpu_copy(pl_module), source="final weights")
             self.exported_from = "final weights"
 
     def _export_new_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
@@ -84,3 +84,11 @@ class OnnxExport(Callback):
         self.difference = verify_onnx(self.path, module.net, images, self.tolerance)
         embed_reference(self.path, datamodule.val_images.cpu().numpy(), self.reference_sample)
         rank_zero_info(f"Exported {self.path} from {source} (max softmax difference {self.difference:.2e})")
+
+
+def _cpu_copy(module: L.LightningModule) -> L.LightningModule:
+    """The module rebuilt on the CPU, as a checkpoint is loaded: the export traces on the CPU (an example input
+    there, the graph free of the training device) and the live module stays where it trains."""
+    copy = type(module)(**module.hparams)
+    copy.load_state_dict({name: tensor.cpu() for name, tensor in module.state_dict().items()})
+    return copy

@@ -81,7 +81,7 @@ clean:
 	rm -rf runs logs .pytest_cache
 
 # --- delivery (issue 6): type checks, smoke pipeline, lock files, pre-commit, system packages, release image ---
-.PHONY: typecheck smoke lock install-locked precommit system-deps dvc-pull dvc-push release-model docker-publish
+.PHONY: typecheck smoke mps-train lock install-locked precommit system-deps dvc-pull dvc-push release-model docker-publish
 
 # mypy checks the package, and the inference service once it exists
 TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
@@ -100,6 +100,15 @@ typecheck: venv  ## mypy on the package (configured in pyproject.toml)
 
 smoke: venv  ## train a tiny model on the committed sample, export it, serve it, predict one image over HTTP
 	PATH="$(abspath $(BIN)):$$PATH" scripts/smoke.sh
+
+# CI's macOS job: Lightning's "GPU available" line must say MPS was used exactly where torch has it.
+MPS_LOG := build/mps-train.log
+mps-train: venv  ## a few training steps with accelerator=auto, as `make train` runs on a Mac; checks the device used
+	mkdir -p build
+	$(BIN)/python train.py trainer.accelerator=auto debug=limit logger=csv >$(MPS_LOG) 2>&1 || { cat $(MPS_LOG); exit 1; }
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.backends.mps.is_available())"; then \
+		expected="GPU available: True (mps), used: True"; else expected="GPU available: False, used: False"; fi; \
+	grep -F "$$expected" $(MPS_LOG) || { echo "error: $(MPS_LOG) lacks \"$$expected\"" >&2; exit 1; }
 
 lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
 	$(LOCK) --extra serve --output-file requirements/serve.txt

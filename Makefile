@@ -125,8 +125,9 @@ install-locked:  ## build .venv from the lock files alone (CI): torch's CPU buil
 precommit: venv  ## every pre-commit hook on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
-system-deps:  ## system packages the tests need (Prometheus and promtool), installed when missing
+system-deps:  ## system packages the tests need (Prometheus, promtool; qemu-user: an AVX2-only CPU), installed when missing
 	command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+	command -v qemu-x86_64 >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends qemu-user; }
 
 DVC_TARGETS ?=
 # where the train stage leaves its ONNX export (dvc.yaml); the release image is pushed as RELEASE_IMAGE

@@ -81,7 +81,7 @@ clean:
 	rm -rf runs logs .pytest_cache
 
 # --- delivery (issue 6): type checks, smoke pipeline, lock files, pre-commit, system packages, release image ---
-.PHONY: typecheck smoke lock install-locked precommit system-deps dvc-pull dvc-push release-model docker-publish
+.PHONY: typecheck smoke lock install-locked precommit system-deps dvc-pull dvc-push dvc-lock release-model docker-publish
 
 # mypy checks the package, and the inference service once it exists
 TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
@@ -130,6 +130,9 @@ dvc-pull: venv  ## fetch DVC-tracked data and models from the remote (all, or DV
 
 dvc-push: venv  ## store new DVC-tracked outputs on the remote
 	$(BIN)/dvc push $(DVC_TARGETS)
+
+dvc-lock: venv  ## regenerate dvc.lock and reports/ by a real dvc repro on the committed sample (docs/pipeline-lock.md)
+	PATH="$(abspath $(BIN)):$$PATH" scripts/dvc_lock.sh
 
 release-model:  ## stage the pulled model as the only file of the release image's build context
 	rm -rf build/release-model && mkdir -p build/release-model

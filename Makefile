@@ -20,7 +20,7 @@ venv: $(STAMP)
 train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
 	$(BIN)/python train.py $(ARGS)
 
-test: lint typecheck pytest  ## lint, type check, then the test suite (what .ci/run runs)
+test: system-deps lint typecheck pytest  ## system packages if missing, lint, type check, then the test suite (.ci/run)
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
 	$(BIN)/python -m pytest -n auto $(ARGS)
@@ -85,8 +85,6 @@ clean:
 
 # mypy checks the package, and the inference service once it exists
 TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
-# root runs apt-get directly (.ci/run); a developer or a CI runner goes through sudo
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
 # CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -116,8 +114,8 @@ install-locked:  ## build .venv from the lock files alone (CI): torch's CPU buil
 precommit: venv  ## every pre-commit hook on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
-system-deps:  ## system packages the tests need (Prometheus and promtool), installed when missing
-	command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+system-deps:  ## the system packages the tests need (requirements/system-packages), installed when missing
+	@scripts/system_deps.sh
 
 DVC_TARGETS ?=
 # where the train stage leaves its ONNX export (dvc.yaml); the release image is pushed as RELEASE_IMAGE

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve bench-overhead quantize mlflow-server promote
+.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve bench-overhead quantize mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: system-deps lint typecheck pytest  ## system packages if missing, lint, ty
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
 	$(BIN)/python -m pytest -n auto $(ARGS)
+
+# Serial by default, so that a seed reproduces the order exactly (ARGS="-n auto" spreads it over the cores).
+# The RNGs are not reseeded before each test: a test sees the random state a normal run gives it, in a new order.
+SEED ?=
+test-shuffled: venv  ## the suite in a random order, printed as its seed: make test-shuffled SEED=1234 ARGS="tests/serve"
+	$(BIN)/python -m pytest -n 0 -p randomly $(if $(SEED),--randomly-seed=$(SEED)) --randomly-dont-reset-seed $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -59,7 +59,7 @@ def module_files(name: str, roots: list[Path]) -> list[Path]:
 def executed_nodes(node: ast.AST) -> Iterator[ast.AST]:
     """Every node below `node`, leaving out `if TYPE_CHECKING:` bodies, which never run."""
     for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+        if isinstance(child, ast.If) and ast.unparse(child.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             for other in child.orelse:
                 yield other
                 yield from executed_nodes(other)

@@ -22,6 +22,13 @@ def listed() -> dict[str, str]:
     return dict(lines)
 
 
+def user_env(**overrides: str) -> dict[str, str]:
+    """The environment of a user's shell: none of the variables an outer make (make test-shuffled) passes down,
+    which would change how the inner make reports."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}
+    return {**inherited, **overrides}
+
+
 def path_without(commands: set[str], bin_dir: Path) -> str:
     """A PATH of one folder linking every command on today's PATH except `commands`."""
     bin_dir.mkdir()
@@ -54,7 +61,7 @@ def test_a_user_who_cannot_install_gets_one_line_saying_what_to_install():
     hidden = commands if os.geteuid() == 0 else commands | {"sudo"}
     with tempfile.TemporaryDirectory() as home:  # not under pytest's tmp_path: `nobody` must reach the PATH folder
         os.chmod(home, 0o755)
-        env = {**os.environ, "PATH": path_without(hidden, Path(home) / "bin"), "HOME": home}
+        env = user_env(PATH=path_without(hidden, Path(home) / "bin"), HOME=home)
         make = shutil.which("make", path=env["PATH"])
         assert make and shutil.which("apt-get", path=env["PATH"]), "the refusal under test is a Debian system's"
         result = as_unprivileged_user([make, "--no-print-directory", "system-deps"], env)
@@ -70,7 +77,7 @@ def test_a_user_who_cannot_install_gets_one_line_saying_what_to_install():
 def test_nothing_missing_runs_nothing_and_says_nothing(tmp_path: Path):
     present = tmp_path / "present"
     present.write_text("# only commands every system has\nsh  dash\nenv  coreutils\n")
-    env = {**os.environ, "SYSTEM_PACKAGES": str(present), "PATH": path_without({"apt-get", "sudo"}, tmp_path / "bin")}
+    env = user_env(SYSTEM_PACKAGES=str(present), PATH=path_without({"apt-get", "sudo"}, tmp_path / "bin"))
     result = subprocess.run(["make", "--no-print-directory", "system-deps"], cwd=ROOT, env=env, capture_output=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
@@ -78,7 +85,7 @@ def test_nothing_missing_runs_nothing_and_says_nothing(tmp_path: Path):
 def test_a_system_without_apt_get_is_told_what_to_install(tmp_path: Path):
     absent = tmp_path / "absent"
     absent.write_text("cifarlab-no-such-command  cifarlab-no-such-package\n")
-    env = {**os.environ, "SYSTEM_PACKAGES": str(absent), "PATH": path_without({"apt-get"}, tmp_path / "bin")}
+    env = user_env(SYSTEM_PACKAGES=str(absent), PATH=path_without({"apt-get"}, tmp_path / "bin"))
     result = subprocess.run(["scripts/system_deps.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve bench-overhead quantize mlflow-server promote
+.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve bench-overhead quantize mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,16 @@ venv: $(STAMP)
 train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
 	$(BIN)/python train.py $(ARGS)
 
-test: lint typecheck pytest  ## lint, type check, then the test suite (what .ci/run runs)
+test: system-deps lint typecheck pytest  ## system packages if missing, lint, type check, then the test suite (.ci/run)
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
 	$(BIN)/python -m pytest -n auto $(ARGS)
+
+# Serial by default, so that a seed reproduces the order exactly (ARGS="-n auto" spreads it over the cores).
+# The RNGs are not reseeded before each test: a test sees the random state a normal run gives it, in a new order.
+SEED ?=
+test-shuffled: venv  ## the suite in a random order, printed as its seed: make test-shuffled SEED=1234 ARGS="tests/serve"
+	$(BIN)/python -m pytest -n 0 -p randomly $(if $(SEED),--randomly-seed=$(SEED)) --randomly-dont-reset-seed $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -81,12 +87,10 @@ clean:
 	rm -rf runs logs .pytest_cache
 
 # --- delivery (issue 6): type checks, smoke pipeline, lock files, pre-commit, system packages, release image ---
-.PHONY: typecheck smoke mps-train lock install-locked precommit system-deps dvc-pull dvc-push release-model docker-publish
+.PHONY: typecheck smoke mps-train lock install-locked precommit system-deps dvc-pull dvc-push dvc-lock release-model docker-publish
 
 # mypy checks the package, and the inference service once it exists
 TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
-# root runs apt-get directly (.ci/run); a developer or a CI runner goes through sudo
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
 # CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -125,9 +129,8 @@ install-locked:  ## build .venv from the lock files alone (CI): torch's CPU buil
 precommit: venv  ## every pre-commit hook on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
-system-deps:  ## system packages the tests need (Prometheus, promtool; qemu-user: an AVX2-only CPU), installed when missing
-	command -v promtool >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
-	command -v qemu-x86_64 >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends qemu-user; }
+system-deps:  ## the system packages the tests need (requirements/system-packages), installed when missing
+	@scripts/system_deps.sh
 
 DVC_TARGETS ?=
 # where the train stage leaves its ONNX export (dvc.yaml); the release image is pushed as RELEASE_IMAGE
@@ -140,6 +143,9 @@ dvc-pull: venv  ## fetch DVC-tracked data and models from the remote (all, or DV
 
 dvc-push: venv  ## store new DVC-tracked outputs on the remote
 	$(BIN)/dvc push $(DVC_TARGETS)
+
+dvc-lock: venv  ## regenerate dvc.lock and reports/ by a real dvc repro on the committed sample (docs/pipeline-lock.md)
+	PATH="$(abspath $(BIN)):$$PATH" scripts/dvc_lock.sh
 
 release-model:  ## stage the pulled model as the only file of the release image's build context
 	rm -rf build/release-model && mkdir -p build/release-model

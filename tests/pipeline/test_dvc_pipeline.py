@@ -97,19 +97,26 @@ def test_pipeline_push_delete_pull_is_byte_identical(pipeline_repo: Path, gcs: E
     assert "up to date" in dvc(repo, "repro").stdout
 
 
-def test_repro_reruns_only_what_a_change_touches(pipeline_repo: Path):
-    repo = pipeline_repo
-    recipe = repo / "configs" / "experiment" / "pipeline.yaml"
-    original = recipe.read_text()
+def changed_by(repo: Path, name: str, addition: str) -> dict:
+    """`dvc status` per stage while `addition` is appended to the file `name`; the file comes back after."""
+    path = repo / name
+    original = path.read_text()
     try:
-        recipe.write_text(original + "optimizer:\n  lr: 0.07\n")
+        path.write_text(original + addition)
         changed = status(repo)
     finally:
-        recipe.write_text(original)
-    changed = {name.rsplit(":", 1)[-1]: change for name, change in changed.items()}
-    assert set(changed) == {"train"}  # not prepare; evaluate follows only if the model changes
-    params = json.dumps(changed["train"])
-    assert "configs/experiment/pipeline.yaml" in params
+        path.write_text(original)
+    return {stage.rsplit(":", 1)[-1]: change for stage, change in changed.items()}
+
+
+def test_repro_reruns_only_what_a_change_touches(pipeline_repo: Path):
+    repo = pipeline_repo
+    changed = changed_by(repo, "configs/experiment/pipeline.yaml", "optimizer:\n  lr: 0.07\n")
+    assert set(changed) == {"train", "evaluate"}  # both compose configs/; prepare reads none of it
+    assert "configs/experiment/pipeline.yaml" in json.dumps(changed["train"])
+    # the export embeds the drift reference serve/drift.py computes: a change there retrains
+    assert set(changed_by(repo, "serve/drift.py", "# changed\n")) == {"train", "evaluate"}
+    assert set(changed_by(repo, "scripts/prepare_data.py", "# changed\n")) == {"prepare"}
     assert status(repo) == {}
 
 

@@ -149,19 +149,13 @@ def test_metrics_use_the_agreed_names_and_count_requests(client, server, onnx_mo
 
 def test_a_scrape_right_after_an_answer_counts_its_batch(client, server):
     # the batch's bookkeeping runs after its answers are sent, but before the server reads another request
-    def counted() -> tuple[float, float]:
-        text = httpx.get(f"{server.url}/metrics").text
-        predictions = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("cifarlab_predictions_total{")
+    def counted() -> tuple[float, ...]:
+        # summed, so 0 before the session server's first prediction, when a labelled series does not exist yet
+        lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+        return tuple(
+            sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+            for prefix in ("cifarlab_predictions_total{", 'cifarlab_prediction_confidence_count{variant="default"}')
         )
-        (confidences,) = [
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith('cifarlab_prediction_confidence_count{variant="default"}')
-        ]
-        return predictions, confidences
 
     before = counted()
     for images in (3, 1, 2):

@@ -153,8 +153,8 @@ precommit: venv  ## every pre-commit hook on every file
 APT_INSTALL = $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends
 system-deps:  ## system packages the tests need (Prometheus, a Docker engine and its tools), installed when missing
 	command -v promtool >/dev/null || { $(APT_INSTALL) prometheus; }
-	command -v dockerd >/dev/null || test -x /usr/sbin/dockerd || { $(APT_INSTALL) docker.io; }
-	command -v debootstrap >/dev/null || test -x /usr/sbin/debootstrap || { $(APT_INSTALL) debootstrap; }
+	PATH=$$PATH:/usr/sbin command -v dockerd >/dev/null || { $(APT_INSTALL) docker.io; }
+	PATH=$$PATH:/usr/sbin command -v debootstrap >/dev/null || { $(APT_INSTALL) debootstrap; }
 	command -v docker-registry >/dev/null || { $(APT_INSTALL) docker-registry; }
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || { $(APT_INSTALL) docker-compose; }
 

@@ -7,6 +7,7 @@
 # Every failure is one line on stderr and exit status 1. DOCKER_STATE (default build/docker-engine) holds the
 # started engine's pid file and log; DOCKERD is the daemon's command (default: dockerd).
 set -euo pipefail
+PATH=$PATH:/usr/sbin:/sbin  # where Debian puts dockerd and debootstrap, and a user's PATH may not look
 
 state=${DOCKER_STATE:-build/docker-engine}
 pidfile=$state/dockerd.pid
@@ -65,10 +66,11 @@ apt_mirror() {
 
 make_debian_base() {
     image=$1 suite=$2
-    command -v debootstrap >/dev/null || fail "$image cannot be pulled and debootstrap is missing to make it (Debian: apt-get install debootstrap)"
-    [ "$(id -u)" = 0 ] || fail "$image cannot be pulled; making it with debootstrap needs root"
     mirror=$(apt_mirror "$suite")
     [ -n "$mirror" ] || fail "$image cannot be pulled and no apt source of this machine serves $suite to make it from"
+    command -v debootstrap >/dev/null ||
+        fail "$image cannot be pulled and debootstrap is missing to make it (Debian: apt-get install debootstrap)"
+    [ "$(id -u)" = 0 ] || fail "$image cannot be pulled; making it with debootstrap needs root"
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
     echo "making $image: debootstrap --variant=minbase $suite from $mirror"

@@ -89,15 +89,16 @@ docker-build-baked: docker-build  ## $(BAKED_IMAGE): the serving image with buil
 	@test -f build/release-model/model.onnx || { echo "error: build/release-model/model.onnx is missing; run make release-model" >&2; exit 1; }
 	docker build --build-arg SERVE_IMAGE=$(SERVE_IMAGE) -f docker/release.Dockerfile -t $(BAKED_IMAGE) build/release-model
 
-docker-smoke: docker-build  ## $(SERVE_IMAGE) on MODEL_URI (newest run, else a tiny model trained on the sample): /readyz, one prediction
+docker-smoke: docker-build  ## $(SERVE_IMAGE) as its own user on MODEL_URI (newest run, else a tiny one trained): /readyz, one prediction
 	@model="$(MODEL_URI)"; \
 	if [ -z "$$model" ]; then \
 		echo "no runs/*/model.onnx: training a tiny model on the committed sample (make train ARGS=\"$(TINY_TRAIN)\")"; \
 		$(MAKE) --no-print-directory train ARGS="$(TINY_TRAIN)" >/dev/null 2>&1 || { echo "error: training failed; run make train" >&2; exit 1; }; \
 		model=$$(ls -t runs/*/model.onnx | head -n 1); \
 	fi; \
+	install -D -m 0644 "$$model" build/docker-smoke/model.onnx; \
 	docker run -d --rm --name cifarlab-serve-smoke $(RUN_NETWORK) -e UVICORN_PORT=$(SMOKE_PORT) \
-		-v "$$(realpath "$$model"):/models/model.onnx:ro" $(SERVE_IMAGE) >/dev/null || exit 1; \
+		-v "$(CURDIR)/build/docker-smoke/model.onnx:/models/model.onnx:ro" $(SERVE_IMAGE) >/dev/null || exit 1; \
 	$(PYTHON) scripts/smoke_serve.py --url http://127.0.0.1:$(SMOKE_PORT) --timeout 60 \
 		|| { docker logs cifarlab-serve-smoke; docker stop cifarlab-serve-smoke >/dev/null; exit 1; }; \
 	docker stop cifarlab-serve-smoke >/dev/null

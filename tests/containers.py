@@ -22,11 +22,13 @@ DOCKER_GROUP = pytest.mark.xdist_group("docker")
 def make(
     *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """A Makefile target, run as a user runs it."""
+    """A Makefile target, run as a user runs it: not as a sub-make of a `make pytest` that runs the tests, whose
+    command-line variables (ARGS) would reach it through MAKEFLAGS."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(
         ["make", "--no-print-directory", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**inherited, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

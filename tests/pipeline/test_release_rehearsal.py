@@ -8,6 +8,7 @@ publish_image.sh's plain-builder path builds the same two Dockerfiles with `dock
 ghcr.io's login, and the workload-identity login to GCS (the emulator takes anonymous requests)."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -121,8 +122,10 @@ def test_cd_release_path_pushes_immutable_tags_that_pull_back_identical(
     assert set(digests) == {f"sha-{commit}", VERSION.lstrip("v")}
     (digest,) = set(digests.values())  # one image under both tags
     record_property("pushed_digest", digest)
+    manifest = json.loads(docker("manifest", "inspect", "--insecure", f"{image}@{digest}").stdout)
+    stored = sum(layer["size"] for layer in manifest["layers"])  # compressed, as the registry stores the layers
     with capsys.disabled():
-        print(f"\npushed {image}@{digest} as sha-{commit} and {VERSION.lstrip('v')}")
+        print(f"\npushed {image}@{digest} as sha-{commit} and {VERSION.lstrip('v')}: {stored / 1e6:.0f} MB stored")
 
     for tag in digests:  # pulled back from the registry, not from the local cache
         docker("rmi", f"{image}:{tag}")

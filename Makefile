@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-build docker-smoke bench-serve bench-overhead quantize mlflow-server promote
+.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke bench-serve bench-overhead quantize mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra
 test: system-deps lint typecheck pytest  ## system packages if missing, lint, type check, then the test suite (.ci/run)
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
-	$(BIN)/python -m pytest -n auto $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadgroup $(ARGS)  # loadgroup: the Docker tests share one worker
 
 # Serial by default, so that a seed reproduces the order exactly (ARGS="-n auto" spreads it over the cores).
 # The RNGs are not reseeded before each test: a test sees the random state a normal run gives it, in a new order.
@@ -63,16 +63,51 @@ serve: venv  ## the API on http://127.0.0.1:8000 (docs at /docs); uvicorn option
 	$(if $(strip $(MODEL_URI)$(VARIANTS)),,@$(NO_MODEL))
 	MODEL_URI="$(MODEL_URI)" $(BIN)/uvicorn serve.app:create_app --factory --host 127.0.0.1 --port 8000 --no-access-log $(ARGS)
 
-docker-build:  ## the serving image (needs a Docker engine)
-	docker build -t $(SERVE_IMAGE) .
+# --- serving image (docs/delivery.md); the engine and the base image come from scripts/docker_engine.sh ---
+BASE_IMAGE ?= debian:bookworm-slim
+BAKED_IMAGE ?= $(SERVE_IMAGE):baked
+DOCKER_ENGINE := scripts/docker_engine.sh
+# An engine without a bridge network (dockerd --bridge=none, as docker-engine starts it) gives builds and containers
+# no network of their own: they use the host's, the service listening on loopback only.
+NO_BRIDGE = $(shell docker network inspect bridge >/dev/null 2>&1 || echo 1)
+BUILD_NETWORK = $(if $(NO_BRIDGE),--network host)
+SMOKE_PORT ?= 8000
+RUN_NETWORK = $(if $(NO_BRIDGE),--network host -e UVICORN_HOST=127.0.0.1,-p 127.0.0.1:$(SMOKE_PORT):$(SMOKE_PORT))
+# The locked wheels for the engine's Linux, whatever the host's OS; pip's index and certificates are the host's.
+WHEEL_PLATFORMS = $(foreach tag,manylinux_2_28 manylinux_2_17 manylinux2014,--platform $(tag)_$(ENGINE_ARCH))
+ENGINE_ARCH = $(shell docker info --format '{{.Architecture}}' 2>/dev/null)
+TINY_TRAIN := trainer.accelerator=cpu debug=limit logger=none seed=0
 
-docker-smoke:  ## run the image on the newest model, check /readyz and one prediction, stop it
-	@test -n "$(MODEL_URI)" || { $(NO_MODEL); }
-	docker run -d --rm --name cifarlab-serve-smoke -p 127.0.0.1:8000:8000 --user "$$(id -u):$$(id -g)" \
-		-v "$(abspath $(MODEL_URI)):/models/model.onnx:ro" $(SERVE_IMAGE)
-	$(PYTHON) scripts/smoke_serve.py --url http://127.0.0.1:8000 --timeout 60 \
-		|| { docker logs cifarlab-serve-smoke; docker stop cifarlab-serve-smoke; exit 1; }
-	docker stop cifarlab-serve-smoke
+docker-engine:  ## start dockerd (root) unless an engine answers; one line and exit 1 when it cannot
+	@$(DOCKER_ENGINE) engine
+
+docker-base: docker-engine  ## $(BASE_IMAGE): present, pulled, or made with debootstrap from this machine's apt sources
+	@$(DOCKER_ENGINE) base $(BASE_IMAGE)
+
+docker-wheels: docker-engine  ## download requirements/serve.txt's wheels (hash-checked) into build/wheels for the build
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes --only-binary=:all: \
+		--python-version 3.11 --implementation cp $(WHEEL_PLATFORMS) -d build/wheels -r requirements/serve.txt
+
+docker-build: docker-base docker-wheels  ## the serving image $(SERVE_IMAGE), from the locked wheels, offline
+	docker build $(BUILD_NETWORK) --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(SERVE_IMAGE) .
+
+docker-build-baked: docker-build  ## $(BAKED_IMAGE): the serving image with build/release-model/model.onnx inside
+	@test -f build/release-model/model.onnx || { echo "error: build/release-model/model.onnx is missing; run make release-model" >&2; exit 1; }
+	docker build --build-arg SERVE_IMAGE=$(SERVE_IMAGE) -f docker/release.Dockerfile -t $(BAKED_IMAGE) build/release-model
+
+docker-smoke: docker-build  ## $(SERVE_IMAGE) as its own user on MODEL_URI (newest run, else a tiny one trained): /readyz, one prediction
+	@model="$(MODEL_URI)"; \
+	if [ -z "$$model" ]; then \
+		echo "no runs/*/model.onnx: training a tiny model on the committed sample (make train ARGS=\"$(TINY_TRAIN)\")"; \
+		$(MAKE) --no-print-directory train ARGS="$(TINY_TRAIN)" >/dev/null 2>&1 || { echo "error: training failed; run make train" >&2; exit 1; }; \
+		model=$$(ls -t runs/*/model.onnx | head -n 1); \
+	fi; \
+	install -D -m 0644 "$$model" build/docker-smoke/model.onnx; \
+	docker run -d --rm --name cifarlab-serve-smoke $(RUN_NETWORK) -e UVICORN_PORT=$(SMOKE_PORT) \
+		-v "$(CURDIR)/build/docker-smoke/model.onnx:/models/model.onnx:ro" $(SERVE_IMAGE) >/dev/null || exit 1; \
+	$(PYTHON) scripts/smoke_serve.py --url http://127.0.0.1:$(SMOKE_PORT) --timeout 60 \
+		|| { docker logs cifarlab-serve-smoke; docker stop cifarlab-serve-smoke >/dev/null; exit 1; }; \
+	docker stop cifarlab-serve-smoke >/dev/null
 
 bench-serve: venv  ## serving benchmark: serve/ vs a PyTorch-eager baseline and a bare floor; JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
@@ -151,8 +186,8 @@ release-model:  ## stage the pulled model as the only file of the release image'
 	rm -rf build/release-model && mkdir -p build/release-model
 	cp $(RELEASE_MODEL) build/release-model/model.onnx
 
-docker-publish:  ## push $(RELEASE_IMAGE):sha-<commit> (and :$(RELEASE_VERSION)) with provenance and SBOM (buildx)
-	scripts/publish_image.sh $(RELEASE_IMAGE) $(RELEASE_VERSION)
+docker-publish: docker-base docker-wheels  ## push $(RELEASE_IMAGE):sha-<commit> (and :$(RELEASE_VERSION)); buildx adds provenance, SBOM
+	BUILD_NETWORK="$(BUILD_NETWORK)" SERVE_IMAGE=$(SERVE_IMAGE) scripts/publish_image.sh $(RELEASE_IMAGE) $(RELEASE_VERSION)
 
 # ---------------------------------------------------------------------------------------------- monitoring
 .PHONY: drift-eval dashboards prometheus

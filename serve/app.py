@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from serve.auth import API_KEY_HEADER, check_api_key
 from serve.errors import ApiError, ErrorBody, describe_validation, error_body
-from serve.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
+from serve.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestContextMiddleware, request_id_of
 from serve.predict import DirectRoute, PredictHandler, TopK
 from serve.preprocess import limit_pillow
 from serve.schemas import (
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(OneLineStartupFailure)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, service=service)  # outermost: it also sees the 413s
     _add_error_handlers(app)

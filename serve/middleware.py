@@ -1,6 +1,8 @@
-"""Pure ASGI middleware: request ids, metrics and one JSON log line per request; the body size limit."""
+"""Pure ASGI middleware: request ids, metrics and one JSON log line per request; the body size limit; a model that
+does not load reported in one line."""
 
 import json
+import sys
 import time
 import uuid
 from typing import Any
@@ -10,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import ApiError, error_body
 from serve.feedback import REQUEST_ID_PATTERN
+from serve.model import ModelLoadError
 from serve.service import Service
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -123,3 +126,25 @@ class BodyLimitMiddleware:
     async def _refuse(scope: Scope, send: Send, error: ApiError) -> None:
         body = json.dumps(error_body(error.code, error.message, request_id_of(scope))).encode()
         await send_json(send, error.status, body)
+
+
+class OneLineStartupFailure:
+    """A model that does not load stops the service at startup, and Service.start has logged why as one JSON line.
+    uvicorn would follow it with the whole traceback (the message of Starlette's lifespan.startup.failed), which in
+    a container log hides that line: for this error, and no other, the message is dropped."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_traceback(message: Message) -> None:
+            # Starlette sends startup.failed from inside its `except` block, so the error is the one being handled
+            if message["type"] == "lifespan.startup.failed" and isinstance(sys.exc_info()[1], ModelLoadError):
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_without_traceback)

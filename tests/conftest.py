@@ -101,3 +101,7 @@ def run_cli(
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# A Docker engine and the serving image, for the tests that run containers (defined beside their helpers).
+from tests.containers import docker_engine, serve_image  # noqa: E402, F401

@@ -131,8 +131,11 @@ def test_admin_reload_is_off_without_an_api_key(onnx_model, tmp_path):
 
 def test_a_model_that_does_not_load_stops_startup_with_the_reason(tmp_path):
     server = Server({"MODEL_URI": str(tmp_path / "missing.onnx")}, tmp_path / "server.log")
-    with pytest.raises(RuntimeError, match="model file not found"):
+    with pytest.raises(RuntimeError, match="model file not found") as failed:
         server.start(timeout=30)
+    log = str(failed.value)
+    assert len([line for line in log.splitlines() if "model file not found" in line]) == 1  # no traceback repeats it
+    assert "Traceback" not in log
 
 
 def test_sigterm_stops_accepting_and_finishes_requests_in_flight(onnx_model, tmp_path):

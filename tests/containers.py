@@ -1,0 +1,94 @@
+"""A real Docker engine and the serving image, for the tests that run containers (a pytest plugin: tests/conftest.py
+loads it). The engine comes from `make docker-engine`, which starts dockerd only when no engine answers; what it
+started is stopped at the end of the session. The image is built once per session by `make docker-build`. Tests that
+use them share one xdist worker (`xdist_group("docker")`, `--dist loadgroup` in the Makefile), so no worker stops
+the engine under another."""
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent  # tests.conftest's ROOT: that module imports this one
+TEST_IMAGE = "cifarlab-serve:test"
+BUILD_TIMEOUT_S = 1800  # a cold build here: the base made with debootstrap (~80 s) and the image (~80 s)
+DOCKER_GROUP = pytest.mark.xdist_group("docker")
+
+
+def make(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """A Makefile target, run as a user runs it: not as a sub-make of a `make pytest` that runs the tests, whose
+    command-line variables (ARGS) would reach it through MAKEFLAGS."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=cwd,
+        env={**inherited, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def docker(*args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """What a make target said on stderr, make's own `make: *** ... Error 1` line aside."""
+    return [line for line in result.stderr.splitlines() if line and not line.startswith("make: ***")]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def publish_flags(port: int) -> list[str]:
+    """The container listening on 127.0.0.1:`port` of this machine: through a published port where the engine has a
+    bridge network, else on the host's network (an engine started by make docker-engine has none)."""
+    if docker("network", "inspect", "bridge", check=False).returncode == 0:
+        return ["-p", f"127.0.0.1:{port}:{port}", "-e", f"UVICORN_PORT={port}"]
+    return ["--network", "host", "-e", "UVICORN_HOST=127.0.0.1", "-e", f"UVICORN_PORT={port}"]
+
+
+def wait_for_exit(container: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = docker("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container).stdout.split()
+        if state[0] == "exited":
+            return int(state[1])
+        time.sleep(0.2)
+    raise AssertionError(f"{container} still running after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """An engine that answers; the environment its make targets run with (where a started engine keeps its state)."""
+    env = {"DOCKER_STATE": str(tmp_path_factory.mktemp("docker-engine"))}
+    started = make("docker-engine", env=env, timeout=120)
+    assert started.returncode == 0, (
+        f"{started.stderr.strip()} (a Docker engine: make system-deps installs Debian's docker.io)"
+    )
+    yield env
+    stopped = subprocess.run(
+        [str(ROOT / "scripts" / "docker_engine.sh"), "stop"], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(scope="session")
+def serve_image(docker_engine: dict[str, str]) -> str:
+    """The serving image, built by `make docker-build` (the base made here if it cannot be pulled)."""
+    built = make("docker-build", f"SERVE_IMAGE={TEST_IMAGE}", env=docker_engine, timeout=BUILD_TIMEOUT_S)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return TEST_IMAGE

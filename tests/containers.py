@@ -24,11 +24,11 @@ def make(
 ) -> subprocess.CompletedProcess:
     """A Makefile target, run as a user runs it: not as a sub-make of a `make pytest` that runs the tests, whose
     command-line variables (ARGS) would reach it through MAKEFLAGS."""
-    inherited = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    merged = {**os.environ, **(env or {})}  # env may itself be a copy of os.environ (dvc_env)
     return subprocess.run(
         ["make", "--no-print-directory", *args],
         cwd=cwd,
-        env={**inherited, **(env or {})},
+        env={k: v for k, v in merged.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")},
         capture_output=True,
         text=True,
         timeout=timeout,

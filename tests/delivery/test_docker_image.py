@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import ROOT
 from tests.containers import DOCKER_GROUP, docker, error_lines, free_port, make, publish_flags, wait_for_exit
 from tests.serve.test_serve_api import png
-from tests.serve.test_serve_lifecycle import _multipart, _read_response
+from tests.serve.test_serve_lifecycle import raw_predict_request, read_response
 
 pytestmark = DOCKER_GROUP
 
@@ -78,11 +78,7 @@ def test_the_image_serves_a_real_model_as_non_root_without_torch_and_drains_on_s
     no_torch = docker("exec", container, "python", "-c", "import torch", check=False)
     assert no_torch.returncode == 1 and "No module named 'torch'" in no_torch.stderr
 
-    body, boundary = _multipart(png())
-    head = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nX-Request-ID: in-flight\r\n\r\n"
-    ).encode()
+    head, body = raw_predict_request(png())
     with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
         connection.sendall(head + body[:100])  # a request in flight when SIGTERM arrives
         time.sleep(0.3)
@@ -90,7 +86,7 @@ def test_the_image_serves_a_real_model_as_non_root_without_torch_and_drains_on_s
         docker("kill", "--signal", "TERM", container)
         time.sleep(0.5)
         connection.sendall(body[100:])
-        answer = _read_response(connection)
+        answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert wait_for_exit(container, STOP_GRACE_S) == 0
     assert time.monotonic() - stopping < STOP_GRACE_S

@@ -141,11 +141,7 @@ def test_a_model_that_does_not_load_stops_startup_with_the_reason(tmp_path):
 def test_sigterm_stops_accepting_and_finishes_requests_in_flight(onnx_model, tmp_path):
     server = Server({"MODEL_URI": str(onnx_model)}, tmp_path / "server.log").start()
     port = int(server.url.rsplit(":", 1)[1])
-    body, boundary = _multipart(png())
-    head = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nX-Request-ID: in-flight\r\n\r\n"
-    ).encode()
+    head, body = raw_predict_request(png())
     with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
         connection.sendall(head + body[:100])  # the request has started: its handler is reading the body
         time.sleep(0.3)
@@ -154,7 +150,7 @@ def test_sigterm_stops_accepting_and_finishes_requests_in_flight(onnx_model, tmp
         with pytest.raises(OSError):  # no longer accepting
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         connection.sendall(body[100:])
-        answer = _read_response(connection)
+        answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert b'"request_id":"in-flight"' in answer
     assert server.process.wait(20) in CLEAN_EXIT
@@ -162,7 +158,8 @@ def test_sigterm_stops_accepting_and_finishes_requests_in_flight(onnx_model, tmp
     assert "shutdown" in events
 
 
-def _multipart(blob: bytes) -> tuple[bytes, str]:
+def raw_predict_request(blob: bytes) -> tuple[bytes, bytes]:
+    """A one-image POST /v1/predict as raw HTTP, head and body apart, for tests that send it in pieces."""
     boundary = "b0undary"
     body = (
         (
@@ -172,10 +169,14 @@ def _multipart(blob: bytes) -> tuple[bytes, str]:
         + blob
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    return body, boundary
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\nX-Request-ID: in-flight\r\n\r\n"
+    ).encode()
+    return head, body
 
 
-def _read_response(connection: socket.socket) -> bytes:
+def read_response(connection: socket.socket) -> bytes:
     data = b""
     while chunk := connection.recv(65536):
         data += chunk

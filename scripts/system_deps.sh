@@ -29,10 +29,10 @@ else
 fi
 # another apt-get may hold the dpkg lock (unattended upgrades, a parallel job): wait for it rather than fail
 apt=("${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600)
-"${apt[@]}" update >/dev/null && "${apt[@]}" install -y --no-install-recommends "${packages[@]}" >/dev/null || {
+if ! { "${apt[@]}" update >/dev/null && "${apt[@]}" install -y --no-install-recommends "${packages[@]}" >/dev/null; }; then
     echo "error: $needs, and apt-get could not install them (its own error is above)" >&2
     exit 1
-}
+fi
 for command in "${commands[@]}"; do
     command -v "$command" >/dev/null || {
         echo "error: apt-get installed ${packages[*]}, but PATH still lacks $command" >&2

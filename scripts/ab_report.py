@@ -30,9 +30,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cifarlab import abtest
-from cifarlab.errors import UserError
-from cifarlab.runtime import user_errors_exit, write_atomic
-from serve.feedback import MANIFEST_FILE, FeedbackRecord, read_manifest
+from cifarlab.runtime import user_errors_exit
+from cifarlab_contract.errors import UserError
+from cifarlab_contract.feedback import MANIFEST_FILE, FeedbackRecord, read_manifest
+from cifarlab_contract.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACKING_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"

@@ -38,8 +38,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from cifarlab.callbacks.timing import synchronize  # noqa: E402
 from cifarlab.errors import ConfigError  # noqa: E402
-from cifarlab.runtime import check_accelerator, user_errors_exit, write_atomic  # noqa: E402
+from cifarlab.runtime import check_accelerator, user_errors_exit  # noqa: E402
 from cifarlab.train import train  # noqa: E402
+from cifarlab_contract.files import write_atomic  # noqa: E402
 
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
 QUICK = {"experiment": "cpu_airbench", "epochs": 1, "repeats": 3}  # 7 steps of 512 per epoch on the sample

@@ -31,7 +31,8 @@ from cifarlab.data.datamodule import stratified_split
 from cifarlab.data.prepare import SOURCE_ENV_VAR, PreparedDataset, ensure_prepared, load_prepared, source_slug
 from cifarlab.errors import ConfigError
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
-from cifarlab.runtime import user_errors_exit, write_atomic
+from cifarlab.runtime import user_errors_exit
+from cifarlab_contract.files import write_atomic
 from serve.drift import CONTINUOUS, TESTS, Reference, build_reference, compare, softmax, traffic_statistics
 
 ROOT = Path(__file__).resolve().parents[1]

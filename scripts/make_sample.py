@@ -22,14 +22,9 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cifarlab.data.prepare import (
-    SPLITS,
-    image_folder_key,
-    iter_entries,
-    source_slug,
-    temp_sibling,
-)
+from cifarlab.data.prepare import SPLITS, image_folder_key, iter_entries, source_slug
 from cifarlab.errors import DataError
+from cifarlab_contract.files import atomic_destination
 
 
 def collect(source: Path, per_split: dict[str, int]) -> dict[str, bytes]:
@@ -53,26 +48,21 @@ def write_tar_gz(files: dict[str, bytes], out: Path, top: str) -> None:
     """Write ``files`` under ``top/`` as a deterministic tar.gz, atomically (temp file, then rename)."""
     folders = {str(parent) for name in files for parent in PurePosixPath(name).parents if str(parent) != "."}
     entries = sorted([(name, None) for name in folders | {""}] + list(files.items()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    try:
-        with (
-            tmp.open("xb") as raw,
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed,
-            tarfile.open(fileobj=compressed, mode="w", format=tarfile.USTAR_FORMAT) as archive,
-        ):
-            for name, data in entries:
-                info = tarfile.TarInfo(f"{top}/{name}".rstrip("/"))
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                if data is None:
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    archive.addfile(info)
-                else:
-                    info.size, info.mode = len(data), 0o644
-                    archive.addfile(info, io.BytesIO(data))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        atomic_destination(out) as tmp,
+        tmp.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w", format=tarfile.USTAR_FORMAT) as archive,
+    ):
+        for name, data in entries:
+            info = tarfile.TarInfo(f"{top}/{name}".rstrip("/"))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                archive.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                archive.addfile(info, io.BytesIO(data))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cifarlab_contract.feedback import FeedbackRecord, feedback_key
 from serve.batching import BatchFailed, MicroBatcher
 from serve.drift import DriftCollector, DriftMonitor, empty_report, softmax
 from serve.errors import ApiError
@@ -16,12 +17,10 @@ from serve.feedback import (
     ConflictingFeedback,
     FeedbackCollector,
     FeedbackError,
-    FeedbackRecord,
     FeedbackStore,
     Prediction,
     RecentPredictions,
     UnknownRequest,
-    feedback_key,
 )
 from serve.logging import get_logger
 from serve.metrics import Metrics

@@ -11,13 +11,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from cifarlab.data.prepare import CIFAR10_CLASSES, load_prepared, source_slug
+from cifarlab.data.prepare import load_prepared, source_slug
 from cifarlab.errors import ConfigError
 from cifarlab.evaluate import evaluate, format_report
-from cifarlab.export.onnx import contract_metadata, export_onnx, onnx_logits, onnx_session
+from cifarlab.export.onnx import export_onnx, onnx_logits, onnx_session
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.module import ClassifierNet
 from cifarlab.runtime import user_errors_exit
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.model import contract_metadata
 from tests.conftest import CONFIGS, SAMPLE, run_cli
 
 OTHER_CLASSES = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
@@ -165,7 +167,7 @@ def test_onnx_file_without_contract_metadata_is_a_config_error(compose_eval, tmp
     proto = onnx.load(str(model))
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "bare.onnx"))
-    with pytest.raises(ConfigError, match=r"bare\.onnx has no 'classes' metadata"):
+    with pytest.raises(ConfigError, match=r"bare\.onnx has no valid 'classes' metadata"):
         evaluate(compose_eval(f"onnx_path={tmp_path / 'bare.onnx'}"))
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifarlab.data.prepare import CIFAR10_CLASSES, load_prepared, source_slug
+from cifarlab.data.prepare import load_prepared, source_slug
 from cifarlab.errors import ConfigError
 from cifarlab.export.onnx import read_metadata
 from cifarlab.models.module import ImageClassifier
 from cifarlab.train import train
+from cifarlab_contract.classes import CIFAR10_CLASSES
 from tests.conftest import SAMPLE, TINY, run_cli
 
 

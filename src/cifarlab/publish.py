@@ -2,14 +2,14 @@
 the ONNX export and a model card, each written atomically, so `models/` always names the latest trained model
 whatever its run id."""
 
-import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cifarlab.export.onnx import read_metadata
-from cifarlab.runtime import write_atomic
+from cifarlab_contract.files import write_atomic
+from cifarlab_contract.model import DATA_MANIFEST_KEY, RUN_ID_KEY, metadata_classes
 
 CHECKPOINT_NAME = "best.ckpt"
 ONNX_NAME = "model.onnx"
@@ -40,16 +40,16 @@ def model_card(
     from cifarlab.tracking import flatten
 
     metadata = read_metadata(onnx_path)
-    classes = json.loads(metadata["classes"])
+    classes = metadata_classes(metadata)
     flat = flatten(config)
     name = (config.get("logger") or {}).get("registered_model_name")
     registered = f"`{name}` version {registered_version}" if name and registered_version else "none"
     lines = [
         "# Model card: CIFAR-10 classifier",
         "",
-        f"- Run: `{metadata['run_id']}` (MLflow run id; the run folder is `runs/{metadata['run_id']}/`)",
+        f"- Run: `{metadata[RUN_ID_KEY]}` (MLflow run id; the run folder is `runs/{metadata[RUN_ID_KEY]}/`)",
         f"- Registered model: {registered}",
-        f"- Data: manifest sha256 `{metadata['data_manifest_sha256']}`",
+        f"- Data: manifest sha256 `{metadata[DATA_MANIFEST_KEY]}`",
         f"- Published: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         "- Interface: ONNX, input `images` uint8 [N, 32, 32, 3] RGB, output `logits` float32 "
         f"[N, {len(classes)}] (docs/model-contract.md)",

@@ -23,8 +23,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab.errors import UserError
-from cifarlab.runtime import file_sha256
+from cifarlab_contract.errors import UserError
+from cifarlab_contract.files import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cifarlab.data.prepare import MANIFEST_NAME, iter_entries, labelled_image_class
-from cifarlab.errors import UserError
 from cifarlab.registry import champion_version, register_if_not_worse
-from cifarlab.runtime import write_atomic
-from serve.feedback import MANIFEST_FILE, read_manifest
+from cifarlab_contract.errors import UserError
+from cifarlab_contract.feedback import MANIFEST_FILE, read_manifest
+from cifarlab_contract.files import write_atomic
 
 
 def retrain(cfg: DictConfig) -> str:

@@ -19,7 +19,8 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.entities import Param
 
 from cifarlab.registry import ONNX_SHA256_TAG
-from cifarlab.runtime import file_sha256
+from cifarlab_contract.files import file_sha256
+from cifarlab_contract.model import IMAGE_SHAPE, INPUT_DTYPE, INPUT_NAME, OUTPUT_DTYPE, OUTPUT_NAME, metadata_classes
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
@@ -118,10 +119,10 @@ def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str 
     from mlflow.types import Schema, TensorSpec
 
     model = onnx.load(str(onnx_path))
-    classes = len(json.loads({p.key: p.value for p in model.metadata_props}["classes"]))
+    classes = metadata_classes({p.key: p.value for p in model.metadata_props})
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 32, 32, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "logits")]),
+        inputs=Schema([TensorSpec(np.dtype(INPUT_DTYPE), (-1, *IMAGE_SHAPE), INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(OUTPUT_DTYPE), (-1, len(classes)), OUTPUT_NAME)]),
     )
     mlflow.set_tracking_uri(logger._tracking_uri)
     with mlflow.start_run(run_id=logger.run_id):

@@ -22,7 +22,8 @@ from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
 from cifarlab.metrics import confusion_figure
 from cifarlab.publish import publish_model
-from cifarlab.runtime import check_accelerator, write_atomic
+from cifarlab.runtime import check_accelerator
+from cifarlab_contract.files import write_atomic
 
 log = logging.getLogger(__name__)
 

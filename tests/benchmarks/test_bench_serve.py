@@ -7,8 +7,8 @@ import pytest
 
 from benchmarks.serving import bench_serve
 from benchmarks.serving.nets import build
-from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.export.onnx import read_metadata
+from cifarlab_contract.classes import CIFAR10_CLASSES
 from serve.drift import Reference
 
 SERVERS = ["onnx (serve/)", "bare ASGI floor", "torch baseline"]

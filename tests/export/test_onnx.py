@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from cifarlab.callbacks.onnx_export import OnnxExport
-from cifarlab.data.prepare import CIFAR10_CLASSES
-from cifarlab.errors import ExportError, UserError
-from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata, verify_onnx
+from cifarlab.errors import ExportError
+from cifarlab.export.onnx import export_onnx, read_metadata, verify_onnx
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.module import ClassifierNet
 from cifarlab.runtime import user_errors_exit
 from cifarlab.train import train
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.errors import UserError
+from cifarlab_contract.model import contract_metadata
 from tests.conftest import TINY
 
 MANIFEST_SHA = "ab" * 32

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from cifarlab.data.prepare import CIFAR10_CLASSES
-from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata
+from cifarlab.export.onnx import export_onnx, read_metadata
 from cifarlab.export.quantize import QUANTIZATION_KEY, quantize_int8
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.model import contract_metadata
 from serve.model import load_model
 from serve.settings import Settings
 from tests.conftest import ROOT, run_cli

@@ -11,12 +11,12 @@ from torch import nn
 
 from cifarlab.data.augment import Augmentation
 from cifarlab.data.loader import InMemoryLoader
-from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.errors import ConfigError
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.baseline import BaselineCNN
 from cifarlab.models.module import CIFAR10_MEAN, CIFAR10_STD, ClassifierNet, ImageClassifier, shift
 from cifarlab.models.resnet import ResNet18
+from cifarlab_contract.classes import CIFAR10_CLASSES
 
 # Plain-dict twins of configs/model/*.yaml (net), configs/optimizer/*.yaml and configs/scheduler/*.yaml.
 # The airbench widths are shrunk so that every test stays fast; the structure is the same.

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarlab.data.prepare import CIFAR10_CLASSES
-from cifarlab.export.onnx import contract_metadata, export_onnx
+from cifarlab.export.onnx import export_onnx
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.model import contract_metadata
 from tests.export.test_onnx import tiny_net
 from tests.serve.conftest import API_KEY, Server
 

@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import MetricsHandler
 
-from serve.feedback import MANIFEST_FILE, FeedbackStore, read_manifest
+from cifarlab_contract.feedback import MANIFEST_FILE, read_manifest
+from serve.feedback import FeedbackStore
 from tests.conftest import ROOT, run_cli
 
 spec = importlib.util.spec_from_file_location("ab_report", ROOT / "scripts" / "ab_report.py")

@@ -9,8 +9,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from cifarlab.data.prepare import image_folder_key
+from cifarlab_contract.feedback import MANIFEST_FILE, feedback_key
 from serve.feedback import (
-    MANIFEST_FILE,
     ConflictingFeedback,
     FeedbackCollector,
     FeedbackStore,
@@ -18,7 +18,6 @@ from serve.feedback import (
     Prediction,
     RecentPredictions,
     UnknownRequest,
-    feedback_key,
 )
 
 CLASSES = ("airplane", "automobile", "bird", "cat")

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.export.reference import embed_reference
+from cifarlab_contract.classes import CIFAR10_CLASSES
 from serve.drift import (
     CONTINUOUS,
     REFERENCE_METADATA_KEY,

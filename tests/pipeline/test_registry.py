@@ -11,9 +11,10 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from torch import nn
 
-from cifarlab.export.onnx import contract_metadata, export_onnx, read_metadata
+from cifarlab.export.onnx import export_onnx, read_metadata
 from cifarlab.registry import RegistryError, promote
 from cifarlab.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS, log_run_end, mlflow_logger
+from cifarlab_contract.model import contract_metadata
 from tests.conftest import CONFIGS, SAMPLE, run_cli
 from tests.monitoring.test_ab_report import ab_report, split_traffic, write_manifest
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlab.data.prepare import CIFAR10_CLASSES, decode_image
+from cifarlab.data.prepare import decode_image
 from cifarlab.evaluate import _torch_logits
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.models.module import ImageClassifier
+from cifarlab_contract.classes import CIFAR10_CLASSES
 from tests.serve.conftest import API_KEY
 
 

@@ -6,7 +6,6 @@ statistics, so training and serving share one definition). Inside the file, the 
 from its model: the registry, DVC and the serving image carry both at once.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import numpy as np
 import onnx
 
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
-from cifarlab.runtime import atomic_destination
+from cifarlab_contract.files import atomic_destination
+from cifarlab_contract.model import DATA_MANIFEST_KEY, RUN_ID_KEY, metadata_classes
 from serve.drift import REFERENCE_METADATA_KEY, Reference, build_reference, softmax
 
 
@@ -25,10 +25,10 @@ def compute_reference(model_path: str | os.PathLike, images: np.ndarray, sample_
     return build_reference(
         images,
         probabilities,
-        json.loads(metadata["classes"]),
+        metadata_classes(metadata),
         sample_size=sample_size,
-        run_id=metadata.get("run_id", ""),
-        data_manifest_sha256=metadata.get("data_manifest_sha256", ""),
+        run_id=metadata.get(RUN_ID_KEY, ""),
+        data_manifest_sha256=metadata.get(DATA_MANIFEST_KEY, ""),
     )
 
 

@@ -125,7 +125,7 @@ clean:
 .PHONY: typecheck smoke mps-train lock install-locked precommit system-deps dvc-pull dvc-push dvc-lock release-model docker-publish
 
 # mypy checks the package, and the inference service once it exists
-TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
+TYPECHECK_PATHS := src/cifarlab src/cifarlab_contract src/cifarlab_lifecycle serve
 # The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
 # CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu

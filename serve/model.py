@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from cifarlab_contract.drift import InvalidReference, Reference
 from cifarlab_contract.files import file_sha256
 from cifarlab_contract.model import (
     CONTRACT_VERSION_KEY,
@@ -23,7 +24,6 @@ from cifarlab_contract.model import (
     ContractError,
     metadata_classes,
 )
-from serve.drift import Reference, ReferenceError
 from serve.settings import Settings
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -95,7 +95,7 @@ def load_model(uri: str, settings: Settings) -> LoadedModel:
     classes = _check_contract(session, metadata, uri)
     try:
         reference = Reference.from_metadata(metadata, classes, where=uri)
-    except ReferenceError as error:
+    except InvalidReference as error:
         raise ModelLoadError(str(error)) from error
     model = LoadedModel(
         session=session,

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord, feedback_key
 from serve.batching import BatchFailed, MicroBatcher
-from serve.drift import DriftCollector, DriftMonitor, empty_report, softmax
+from serve.drift import DriftCollector, DriftMonitor, empty_report
 from serve.errors import ApiError
 from serve.feedback import (
     ConflictingFeedback,

@@ -10,11 +10,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
+# the registry's aliases, as configs/registry.yaml names them for training, promotion and retraining
+_REGISTRY = OmegaConf.load(CONFIGS / "registry.yaml").registry
+CHAMPION_ALIAS, CHALLENGER_ALIAS = _REGISTRY.champion_alias, _REGISTRY.challenger_alias
 
 # Small, fast and CPU-only: the overrides every training test starts from. One ONNX export per run, at the end
 # (export takes seconds); tests/export/test_onnx.py checks the export of every new best.

@@ -1,4 +1,4 @@
-"""The A/B test statistics (cifarlab.abtest) against values computed by hand, by scipy's own tests and by
+"""The A/B test statistics (cifarlab_lifecycle.abtest) against values computed by hand, by scipy's own tests and by
 simulation."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cifarlab import abtest
+from cifarlab_lifecycle import abtest
 
 
 def outcomes(count: int, correct: int, seed: int = 0) -> np.ndarray:

@@ -9,7 +9,7 @@ from benchmarks.serving import bench_serve
 from benchmarks.serving.nets import build
 from cifarlab.export.onnx import read_metadata
 from cifarlab_contract.classes import CIFAR10_CLASSES
-from serve.drift import Reference
+from cifarlab_contract.drift import Reference
 
 SERVERS = ["onnx (serve/)", "bare ASGI floor", "torch baseline"]
 

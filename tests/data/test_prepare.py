@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifarlab.data import sample
 from cifarlab.data.prepare import (
     ARRAY_NAMES,
     CIFAR10_CLASSES,
@@ -542,20 +542,13 @@ def test_prepare_cli_prepares(image_folder, tmp_path):
     assert f"31 train (of which 1 from {tmp_path / 'feedback'}) + 20 test" in result.stdout
 
 
-def load_make_sample():
-    spec = importlib.util.spec_from_file_location("make_sample", REPO / "scripts" / "make_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_make_sample_is_reproducible_and_keeps_original_bytes(image_folder, tmp_path):
     root, expected = image_folder
     source = archive_folder(root, tmp_path / "full.tar.gz", top="cifar10")
     outs = [tmp_path / run / "tiny.tar.gz" for run in ("a", "b")]
     for out in outs:
         argv = ["--source", str(source), "--out", str(out), "--train-per-class", "2", "--test-per-class", "1"]
-        assert load_make_sample().main(argv) == 0
+        assert sample.main(argv) == 0
     assert outs[0].read_bytes() == outs[1].read_bytes()
     with tarfile.open(outs[0]) as archive:
         members = archive.getmembers()

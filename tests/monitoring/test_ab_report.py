@@ -1,10 +1,8 @@
-"""scripts/ab_report.py on synthetic feedback manifests, in the format serve.feedback.FeedbackStore writes, and
-against a real Prometheus exposition served on loopback. Run in-process; one run as a subprocess checks the
-command line itself."""
+"""The A/B report (cifarlab_lifecycle.abreport) on synthetic feedback manifests, in the format
+serve.feedback.FeedbackStore writes, and against a real Prometheus exposition served on loopback. Run in-process,
+through the same one-line error handling as scripts/ab_report.py; one run as a subprocess checks that command."""
 
-import importlib.util
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -15,14 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import MetricsHandler
 
+from cifarlab.runtime import user_errors_exit
 from cifarlab_contract.feedback import MANIFEST_FILE, read_manifest
+from cifarlab_lifecycle import abreport
 from serve.feedback import FeedbackStore
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 
-spec = importlib.util.spec_from_file_location("ab_report", ROOT / "scripts" / "ab_report.py")
-ab_report = importlib.util.module_from_spec(spec)
-sys.modules["ab_report"] = ab_report  # its dataclasses look their module up
-spec.loader.exec_module(ab_report)
+ab_report = user_errors_exit(abreport.main)  # as scripts/ab_report.py runs it
 
 CLASSES = ["cat", "dog"]
 VARIANTS = ("champion", "challenger")  # the script's default names
@@ -73,13 +70,13 @@ def write_manifest(folder: Path, lines: list[dict], tail: str = "") -> Path:
 
 def report(folder: Path, *args: str, capsys: pytest.CaptureFixture) -> tuple[dict, str]:
     out = folder / "report.json"
-    assert ab_report.main(["--feedback", str(folder), "--json", str(out), *args]) == 0
+    assert ab_report(["--feedback", str(folder), "--json", str(out), *args]) == 0
     return json.loads(out.read_text()), capsys.readouterr().out
 
 
 def one_line_error(capsys: pytest.CaptureFixture, *args: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        ab_report.main(list(args))
+        ab_report(list(args))
     assert exit_info.value.code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ")

@@ -7,19 +7,18 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from serve.drift import (
+from cifarlab_contract.drift import (
     CONTINUOUS,
-    REFERENCE_METADATA_KEY,
     TESTS,
-    DriftCollector,
-    DriftMonitor,
+    InvalidReference,
     Reference,
-    ReferenceError,
     build_reference,
     compare,
     image_statistics,
     traffic_statistics,
 )
+from cifarlab_contract.model import REFERENCE_KEY
+from serve.drift import DriftCollector, DriftMonitor
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 
@@ -90,8 +89,8 @@ def test_reference_round_trips_through_json(reference: Reference) -> None:
     ],
 )
 def test_a_bad_reference_is_a_clear_error(text: str, message: str) -> None:
-    with pytest.raises(ReferenceError, match=message):
-        Reference.from_metadata({REFERENCE_METADATA_KEY: text}, CLASSES, where="model.onnx")
+    with pytest.raises(InvalidReference, match=message):
+        Reference.from_metadata({REFERENCE_KEY: text}, CLASSES, where="model.onnx")
 
 
 def window(rng: np.random.Generator, count: int = 200, **image_options: float) -> tuple[np.ndarray, np.ndarray]:

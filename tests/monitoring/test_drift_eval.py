@@ -1,21 +1,18 @@
-"""scripts/drift_eval.py end to end on the committed sample, with a tiny exported network (untrained: the image
-statistics alone must catch the corruptions that change them; the full-data numbers are in the README).
-Run in-process: a subprocess would spend most of its time importing torch again."""
+"""The drift evaluation (cifarlab.drift_eval, scripts/drift_eval.py) end to end on the committed sample, with a tiny
+exported network (untrained: the image statistics alone must catch the corruptions that change them; the full-data
+numbers are in docs/monitoring.md). Run in-process: a subprocess would spend most of its time importing torch again."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cifarlab import drift_eval
 from cifarlab.data.prepare import ensure_prepared
-from serve.drift import image_statistics
-from tests.conftest import ROOT, SAMPLE
-
-spec = importlib.util.spec_from_file_location("drift_eval", ROOT / "scripts" / "drift_eval.py")
-drift_eval = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(drift_eval)
+from cifarlab.runtime import user_errors_exit
+from cifarlab_contract.drift import image_statistics
+from tests.conftest import SAMPLE
 
 
 def test_drift_eval_flags_corrupted_windows_and_not_clean_ones(
@@ -56,6 +53,6 @@ def test_corruptions_change_what_they_claim_to() -> None:
 
 def test_drift_eval_without_a_model_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        drift_eval.main(["--model", str(tmp_path / "missing.onnx"), "--quick"])
+        user_errors_exit(drift_eval.main)(["--model", str(tmp_path / "missing.onnx"), "--quick"])  # as the script
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: model file not found: {tmp_path / 'missing.onnx'}"

@@ -10,15 +10,15 @@ import pytest
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.export.reference import embed_reference
 from cifarlab_contract.classes import CIFAR10_CLASSES
-from serve.drift import (
+from cifarlab_contract.drift import (
     CONTINUOUS,
-    REFERENCE_METADATA_KEY,
+    InvalidReference,
     Reference,
-    ReferenceError,
     build_reference,
     image_statistics,
     softmax,
 )
+from cifarlab_contract.model import REFERENCE_KEY
 from tests.export.test_onnx import random_images
 
 
@@ -48,7 +48,7 @@ def test_reference_is_the_exported_models_statistics(tiny_model: Path, tmp_path:
     assert reference.sample.shape == (100, len(CONTINUOUS))
     column = reference.sample[:, CONTINUOUS.index("brightness")]
     assert np.abs(column[:, None] - brightness[None, :]).min(axis=1).max() < 1e-6
-    assert json.loads(metadata[REFERENCE_METADATA_KEY])["format_version"] == 1
+    assert json.loads(metadata[REFERENCE_KEY])["format_version"] == 1
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic write left no temp file
 
 
@@ -56,7 +56,7 @@ def test_embedding_again_replaces_the_reference(tiny_model: Path, tmp_path: Path
     model = Path(shutil.copy(tiny_model, tmp_path / "model.onnx"))
     embed_reference(model, random_images(50, seed=1), sample_size=50)
     embed_reference(model, random_images(80, seed=2), sample_size=50)
-    keys = [key for key in read_metadata(model) if key == REFERENCE_METADATA_KEY]
+    keys = [key for key in read_metadata(model) if key == REFERENCE_KEY]
     reference = Reference.from_metadata(read_metadata(model), CIFAR10_CLASSES, where="model.onnx")
     assert len(keys) == 1 and reference is not None and reference.images == 80
 
@@ -65,5 +65,5 @@ def test_a_model_without_a_reference_has_none_and_a_mismatched_one_is_an_error(t
     metadata = read_metadata(tiny_model)
     assert Reference.from_metadata(metadata, CIFAR10_CLASSES, where="m") is None
     other = build_reference(random_images(30, seed=0), np.full((30, 2), 0.5), ["a", "b"])
-    with pytest.raises(ReferenceError, match="classes"):
-        Reference.from_metadata({REFERENCE_METADATA_KEY: other.to_json()}, CIFAR10_CLASSES, where="m")
+    with pytest.raises(InvalidReference, match="classes"):
+        Reference.from_metadata({REFERENCE_KEY: other.to_json()}, CIFAR10_CLASSES, where="m")

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from cifarlab.export.onnx import export_onnx
+from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord, feedback_key
 from cifarlab_contract.model import contract_metadata
 from serve import service as service_module
-from serve.drift import softmax
 from serve.model import LoadedModel, ModelLoadError
 from serve.service import Answer, Service
 from serve.settings import Settings

@@ -114,8 +114,9 @@ def test_repro_reruns_only_what_a_change_touches(pipeline_repo: Path):
     changed = changed_by(repo, "configs/experiment/pipeline.yaml", "optimizer:\n  lr: 0.07\n")
     assert set(changed) == {"train", "evaluate"}  # both compose configs/; prepare reads none of it
     assert "configs/experiment/pipeline.yaml" in json.dumps(changed["train"])
-    # the export embeds the drift reference serve/drift.py computes: a change there retrains
-    assert set(changed_by(repo, "serve/drift.py", "# changed\n")) == {"train", "evaluate"}
+    # the export embeds the drift reference the contract computes: a change there retrains; the service feeds nothing
+    assert set(changed_by(repo, "src/cifarlab_contract/drift.py", "# changed\n")) == {"train", "evaluate"}
+    assert changed_by(repo, "serve/drift.py", "# changed\n") == {}
     assert set(changed_by(repo, "scripts/prepare_data.py", "# changed\n")) == {"prepare"}
     assert status(repo) == {}
 

@@ -7,8 +7,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from cifarlab.data.prepare import ensure_prepared
-from cifarlab.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import CHALLENGER_ALIAS, CHAMPION_ALIAS, ROOT, SAMPLE
 
 NOTEBOOKS = ROOT / "notebooks"
 REQUIRED = ("01_data_exploration.ipynb", "02_run_comparison.ipynb")

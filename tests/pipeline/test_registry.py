@@ -12,10 +12,11 @@ from mlflow.artifacts import download_artifacts
 from torch import nn
 
 from cifarlab.export.onnx import export_onnx, read_metadata
-from cifarlab.registry import RegistryError, promote
-from cifarlab.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS, log_run_end, mlflow_logger
+from cifarlab.tracking import log_run_end, mlflow_logger
 from cifarlab_contract.model import contract_metadata
-from tests.conftest import CONFIGS, SAMPLE, run_cli
+from cifarlab_lifecycle.promotion import promote
+from cifarlab_lifecycle.registry import RegistryError
+from tests.conftest import CHALLENGER_ALIAS, CHAMPION_ALIAS, CONFIGS, SAMPLE, run_cli
 from tests.monitoring.test_ab_report import ab_report, split_traffic, write_manifest
 
 OTHER_CLASSES = [f"c{i}" for i in range(10)]
@@ -56,7 +57,9 @@ def foreign_onnx(tmp_path_factory) -> Path:
 
 def register(server: str, name: str, onnx_path: Path) -> str:
     """Register an ONNX file as training does (a run, the MLflow model, the challenger alias)."""
-    logger = mlflow_logger(server, experiment_name="registry-tests", registered_model_name=name)
+    logger = mlflow_logger(
+        server, experiment_name="registry-tests", registered_model_name=name, challenger_alias=CHALLENGER_ALIAS
+    )
     version = log_run_end(logger, onnx_path.parent, onnx_path, None)
     logger.finalize("success")
     return version
@@ -185,7 +188,7 @@ def test_ab_report_promotes_only_the_tested_challenger(mlflow_server, always, tm
         folder = write_manifest(tmp_path / f"v{versions[1]}-{challenger_correct}", [])
         write_manifest(folder, split_traffic((900, 720), (300, challenger_correct), versions=versions))
         out = folder / "report.json"
-        assert ab_report.main(["--feedback", str(folder), "--json", str(out), *promote_args]) == 0
+        assert ab_report(["--feedback", str(folder), "--json", str(out), *promote_args]) == 0
         return json.loads(out.read_text())
 
     worse = run((champion, challenger), 200)
@@ -195,7 +198,7 @@ def test_ab_report_promotes_only_the_tested_challenger(mlflow_server, always, tm
     stale = write_manifest(tmp_path / "stale", split_traffic((900, 720), (300, 270), versions=(champion, champion)))
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        ab_report.main(["--feedback", str(stale), *promote_args])
+        ab_report(["--feedback", str(stale), *promote_args])
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: the tested challenger is {name} version {champion}, but the registry's")
     assert aliases(mlflow_server, name) == before and promotion_tags(mlflow_server, name, champion) == {}
@@ -216,5 +219,5 @@ def test_ab_report_promotes_only_the_tested_challenger(mlflow_server, always, tm
     assert tags["promotion.samples"] == "1200" and tags["promotion.by"] and tags["promotion.at"]
 
     with pytest.raises(SystemExit):  # the same evidence again: already the champion
-        ab_report.main(["--feedback", str(tmp_path / f"v{challenger}-270"), *promote_args])
+        ab_report(["--feedback", str(tmp_path / f"v{challenger}-270"), *promote_args])
     assert f"{name} version {challenger} is already 'champion'" in capsys.readouterr().err

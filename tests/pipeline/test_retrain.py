@@ -19,10 +19,10 @@ from mlflow.artifacts import download_artifacts
 from omegaconf import DictConfig
 
 from cifarlab.export.onnx import export_onnx, read_metadata
-from cifarlab.registry import ONNX_SHA256_TAG, RegistryError, register_if_not_worse
-from cifarlab.retrain import merge_feedback, retrain, run_dvc
 from cifarlab_contract.errors import UserError
 from cifarlab_contract.files import file_sha256
+from cifarlab_lifecycle.registry import ONNX_SHA256_TAG, RegistryError
+from cifarlab_lifecycle.retrain import merge_feedback, register_if_not_worse, retrain, run_dvc
 from serve.feedback import FeedbackStore, Prediction, RecentPredictions
 from tests.conftest import CONFIGS, ROOT
 from tests.pipeline.conftest import dvc, dvc_env, free_port

@@ -1,15 +1,12 @@
-"""scripts/bench_speed.py: the template and the raw loop train the same recipe, timed, side by side."""
+"""The training speed benchmark (benchmarks/training/bench_speed.py, scripts/bench_speed.py): the template and the
+raw loop train the same recipe, timed, side by side."""
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE
-
-spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
-bench_speed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_speed)
+from benchmarks.training import bench_speed
+from tests.conftest import SAMPLE
 
 
 def test_one_epoch_benchmark_reports_both_paths_and_their_ratio(tmp_path, prepared_root, capsys):

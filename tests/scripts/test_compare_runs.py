@@ -1,16 +1,11 @@
-"""scripts/compare_runs.py: the MLflow comparison of runs as a text table."""
+"""The MLflow comparison of runs as a text table (cifarlab.compare_runs, scripts/compare_runs.py)."""
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
+from cifarlab import compare_runs
 
 AIRBENCH = "cifarlab.models.airbench.AirbenchNet"
 BASELINE = "cifarlab.models.baseline.BaselineCNN"

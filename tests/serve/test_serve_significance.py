@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from serve.significance import chi2_independence, chi2_sf, kolmogorov_sf, ks_two_sample
+from cifarlab_contract.significance import chi2_independence, chi2_sf, kolmogorov_sf, ks_two_sample
 
 
 def samples(n: int, m: int, shift: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

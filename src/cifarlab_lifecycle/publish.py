@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cifarlab.export.onnx import read_metadata
 from cifarlab_contract.files import write_atomic
 from cifarlab_contract.model import DATA_MANIFEST_KEY, RUN_ID_KEY, metadata_classes
 
@@ -21,28 +20,29 @@ def publish_model(
     out_dir: Path,
     checkpoint: Path,
     onnx_path: Path,
-    config: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    params: Mapping[str, Any],
     test_metrics: Mapping[str, float],
     registered_version: str | None = None,
 ) -> list[Path]:
-    """Copy `checkpoint` and `onnx_path` into `out_dir` and write its model card; return the three paths."""
+    """Copy `checkpoint` and `onnx_path` (whose ONNX metadata is `metadata`) into `out_dir` and write its model card
+    from the run's `params` (the flattened config, as MLflow records it); return the three paths."""
     written = [out_dir / CHECKPOINT_NAME, out_dir / ONNX_NAME, out_dir / CARD_NAME]
     write_atomic(written[0], checkpoint.read_bytes())
     write_atomic(written[1], onnx_path.read_bytes())
-    write_atomic(written[2], model_card(onnx_path, config, test_metrics, registered_version))
+    write_atomic(written[2], model_card(metadata, params, test_metrics, registered_version))
     return written
 
 
 def model_card(
-    onnx_path: Path, config: Mapping[str, Any], test_metrics: Mapping[str, float], registered_version: str | None
+    metadata: Mapping[str, str],
+    params: Mapping[str, Any],
+    test_metrics: Mapping[str, float],
+    registered_version: str | None,
 ) -> str:
     """A short Markdown model card: what the model is, where it came from, how well it does, how to call it."""
-    from cifarlab.tracking import flatten
-
-    metadata = read_metadata(onnx_path)
     classes = metadata_classes(metadata)
-    flat = flatten(config)
-    name = (config.get("logger") or {}).get("registered_model_name")
+    name = params.get("logger.registered_model_name")
     registered = f"`{name}` version {registered_version}" if name and registered_version else "none"
     lines = [
         "# Model card: CIFAR-10 classifier",
@@ -57,7 +57,7 @@ def model_card(
         "",
         "## Recipe",
         "",
-        *(f"- `{key}`: {flat[key]}" for key in CARD_PARAMS if key in flat),
+        *(f"- `{key}`: {params[key]}" for key in CARD_PARAMS if key in params),
         "",
         "## Test metrics",
         "",

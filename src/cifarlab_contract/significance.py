@@ -1,9 +1,9 @@
 """The two significance tests drift detection runs, in numpy and the standard library alone.
 
-scipy would add 116 MB to the serving image for two functions (see docs/delivery.md), so the service computes
-them itself: the two-sample Kolmogorov-Smirnov test with its asymptotic p-value, and Pearson's chi-squared test
-of independence on a contingency table. tests/serve/test_significance.py holds them to scipy's
-`ks_2samp(method="asymp")` and `chi2_contingency(correction=False)`.
+scipy would add 116 MB to the serving image for two functions (see docs/delivery.md), so they are computed here:
+the two-sample Kolmogorov-Smirnov test with its asymptotic p-value, and Pearson's chi-squared test of independence
+on a contingency table. tests/contract/test_significance.py holds them to scipy's `ks_2samp(method="asymp")` and
+`chi2_contingency(correction=False)`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def kolmogorov_sf(x: np.ndarray) -> np.ndarray:
     small = np.clip(x, 1e-3, _SERIES_SWITCH)[..., None]
     odd = 2.0 * _TERMS - 1.0
     cdf = math.sqrt(2.0 * math.pi) / small[..., 0] * np.exp(-(odd**2) * math.pi**2 / (8.0 * small**2)).sum(axis=-1)
-    return np.clip(np.where(x >= _SERIES_SWITCH, upper, 1.0 - cdf), 0.0, 1.0)
+    return np.asarray(np.clip(np.where(x >= _SERIES_SWITCH, upper, 1.0 - cdf), 0.0, 1.0))
 
 
 def ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

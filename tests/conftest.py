@@ -39,6 +39,19 @@ def project_root(monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny network exported under the model contract, once per session (export is slow)."""
+    # imported here: torch loads for the tests that use a model, not for every collection
+    from cifarlab.export.onnx import export_onnx
+    from cifarlab_contract.classes import CIFAR10_CLASSES
+    from cifarlab_contract.model import contract_metadata
+    from tests.export.test_onnx import tiny_net
+
+    metadata = contract_metadata(CIFAR10_CLASSES, "run-7", "cd" * 32)
+    return export_onnx(tiny_net(), tmp_path_factory.mktemp("tiny-model") / "model.onnx", metadata)
+
+
+@pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One prepared copy of the sample for the whole session (preparing is what data tests test)."""
     return tmp_path_factory.mktemp("prepared")

@@ -13,18 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarlab.export.onnx import export_onnx
-from cifarlab_contract.classes import CIFAR10_CLASSES
-from cifarlab_contract.model import contract_metadata
-from tests.export.test_onnx import tiny_net
 from tests.serve.conftest import API_KEY, Server
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny network exported under the model contract, once per session (export is slow)."""
-    metadata = contract_metadata(CIFAR10_CLASSES, "run-7", "cd" * 32)
-    return export_onnx(tiny_net(), tmp_path_factory.mktemp("tiny-model") / "model.onnx", metadata)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from cifarlab.export.onnx import read_metadata
 from cifarlab_contract.classes import CIFAR10_CLASSES
 from cifarlab_contract.drift import Reference
 
+pytestmark = pytest.mark.slow  # a serving benchmark
+
 SERVERS = ["onnx (serve/)", "bare ASGI floor", "torch baseline"]
 
 

@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from mlflow import MlflowClient
 
 from cifarlab.data.prepare import ensure_prepared
@@ -50,6 +51,7 @@ def test_notebooks_are_committed_without_outputs():
                 assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name}: strip outputs (nbstripout)"
 
 
+@pytest.mark.slow
 def test_data_exploration_runs_on_the_prepared_sample(monkeypatch, prepared_root):
     dataset = ensure_prepared(str(SAMPLE), prepared_root)
     monkeypatch.setenv("CIFARLAB_DATA_SOURCE", str(dataset.root))  # a prepared folder, as the pipeline makes
@@ -63,6 +65,7 @@ def test_data_exploration_runs_on_the_prepared_sample(monkeypatch, prepared_root
     assert images_in(cells) == 3  # class balance, sample grid, histogram
 
 
+@pytest.mark.integration
 def test_run_comparison_shows_the_runs_and_the_champion(monkeypatch, mlflow_server, trained_version):
     name = trained_version["name"]
     client = MlflowClient(mlflow_server)

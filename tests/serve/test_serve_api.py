@@ -19,6 +19,8 @@ from cifarlab.models.module import ImageClassifier
 from cifarlab_contract.classes import CIFAR10_CLASSES
 from tests.serve.conftest import API_KEY
 
+pytestmark = pytest.mark.slow  # the session's trained model, served by uvicorn
+
 
 def png(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (10, 200, 30)) -> bytes:
     buffer = io.BytesIO()

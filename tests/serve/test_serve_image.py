@@ -121,6 +121,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_the_image_dependency_set_serves_end_to_end_without_torch(image_venv, onnx_model, tmp_path):
     python = str(image_venv / "bin" / "python")
     app_dir = copy_app(tmp_path / "app")
@@ -140,6 +141,7 @@ def test_the_image_dependency_set_serves_end_to_end_without_torch(image_venv, on
         assert server.stop() in CLEAN_EXIT
 
 
+@pytest.mark.slow
 def test_mlflow_uri_without_mlflow_says_how_to_fix_it(image_venv, tmp_path):
     python = str(image_venv / "bin" / "python")
     app_dir = copy_app(tmp_path / "app")

@@ -8,6 +8,8 @@ import pytest
 from benchmarks.training import bench_speed
 from tests.conftest import SAMPLE
 
+pytestmark = pytest.mark.slow  # a training benchmark
+
 
 def test_one_epoch_benchmark_reports_both_paths_and_their_ratio(tmp_path, prepared_root, capsys):
     out = tmp_path / "bench.json"

@@ -259,6 +259,7 @@ def test_user_errors_exit_turns_export_error_into_one_line(capsys):
     assert capsys.readouterr().err == "error: ONNX export m.onnx diverges: 0.5\n"
 
 
+@pytest.mark.slow
 def test_callback_exports_the_best_checkpoint_of_a_run(compose_train, monkeypatch):
     exports = []
     original = OnnxExport._export

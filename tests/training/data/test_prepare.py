@@ -32,8 +32,9 @@ from cifarlab.data.prepare import (
     source_slug,
 )
 from cifarlab.errors import DataError
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = ROOT
 UNREACHABLE_URL = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # the discard port: nothing listens there
 TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 2
 

@@ -1,5 +1,6 @@
-"""Real services on loopback for the pipeline tests: a GCS API (gcp-storage-emulator) and an MLflow tracking
-server, each started once per session, and a throwaway copy of the repository for DVC to work in."""
+"""Real services on loopback for the integration tier (a pytest plugin: tests/conftest.py loads it): a GCS API
+(gcp-storage-emulator) and an MLflow tracking server, each started once per session, and a throwaway copy of the
+repository for DVC to work in."""
 
 import json
 import os

@@ -25,8 +25,8 @@ from cifarlab_lifecycle.registry import ONNX_SHA256_TAG, RegistryError
 from cifarlab_lifecycle.retrain import merge_feedback, register_if_not_worse, retrain, run_dvc
 from serve.feedback import FeedbackStore, Prediction, RecentPredictions
 from tests.conftest import CONFIGS, ROOT
-from tests.pipeline.conftest import dvc, dvc_env, free_port
-from tests.pipeline.test_registry import CIFAR10, ConstantNet, contract, register
+from tests.lifecycle.test_promotion import CIFAR10, ConstantNet, contract, register
+from tests.servers import dvc, dvc_env, free_port
 
 LABELS = ("cat", "cat", "dog", "airplane")
 FIRST = "retrain-first"  # the registered model of the first retraining, which finds no champion
@@ -93,6 +93,7 @@ def aliases(server: str, name: str) -> dict[str, str]:
     return dict(MlflowClient(server).get_registered_model(name).aliases)
 
 
+@pytest.mark.integration
 def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
     pipeline_repo, mlflow_server, feedback, first
 ):
@@ -133,6 +134,7 @@ def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
     assert recorded["candidate_score"] == pytest.approx(test_metrics["acc"])  # the evaluate stage's score
 
 
+@pytest.mark.integration
 def test_retraining_with_nothing_new_registers_nothing_again(pipeline_repo, mlflow_server, feedback, first):
     repo, name = pipeline_repo, FIRST
     client = MlflowClient(mlflow_server)
@@ -154,6 +156,7 @@ def test_retraining_with_nothing_new_registers_nothing_again(pipeline_repo, mlfl
     assert run.data.tags["retrain.existing_version"] == version.version
 
 
+@pytest.mark.integration
 def test_a_worse_candidate_is_not_registered_unless_within_tolerance(
     pipeline_repo, mlflow_server, feedback, first, tmp_path
 ):
@@ -182,6 +185,7 @@ def test_a_worse_candidate_is_not_registered_unless_within_tolerance(
     assert aliases(mlflow_server, name) == {"champion": champion, "challenger": decision.version}
 
 
+@pytest.mark.integration
 def test_a_missing_feedback_store_or_registry_stops_retraining_before_it_starts(pipeline_repo, mlflow_server, feedback):
     feedback_dvc = (pipeline_repo / "data" / "feedback.dvc").read_text()
     with pytest.raises(UserError, match="no feedback store given: set FEEDBACK_DIR"):

@@ -12,9 +12,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from cifarlab.data.augment import Augmentation
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.models.module import ImageClassifier
+from tests.conftest import CONFIGS as CONFIG_DIR
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
 GROUPS = (
     "model",
     "data",

@@ -15,6 +15,7 @@ from cifarlab_contract.drift import image_statistics
 from tests.conftest import SAMPLE
 
 
+@pytest.mark.slow
 def test_drift_eval_flags_corrupted_windows_and_not_clean_ones(
     tiny_model: Path, prepared_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

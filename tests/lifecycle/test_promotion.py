@@ -17,7 +17,9 @@ from cifarlab_contract.model import contract_metadata
 from cifarlab_lifecycle.promotion import promote
 from cifarlab_lifecycle.registry import RegistryError
 from tests.conftest import CHALLENGER_ALIAS, CHAMPION_ALIAS, CONFIGS, SAMPLE, run_cli
-from tests.monitoring.test_ab_report import ab_report, split_traffic, write_manifest
+from tests.lifecycle.test_abreport import ab_report, split_traffic, write_manifest
+
+pytestmark = pytest.mark.integration  # a real MLflow tracking server
 
 OTHER_CLASSES = [f"c{i}" for i in range(10)]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

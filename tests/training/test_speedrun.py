@@ -10,6 +10,8 @@ from cifarlab.models.optim import Muon
 from cifarlab.train import train
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow  # trains the speedrun recipe
+
 SPEEDRUN_ON_CPU = [*TINY, "experiment=speedrun", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 

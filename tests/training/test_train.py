@@ -17,6 +17,8 @@ from cifarlab.train import train
 from cifarlab_contract.classes import CIFAR10_CLASSES
 from tests.conftest import SAMPLE, TINY, run_cli
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 
 def _only_run(tracking_uri: str):
     client = MlflowClient(tracking_uri)
@@ -188,6 +190,7 @@ def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, t
     assert {line.split()[1] for line in lines[2:]} == names
 
 
+@pytest.mark.integration
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, prepared_root):
     result = run_cli(
         "train.py",

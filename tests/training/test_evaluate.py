@@ -22,6 +22,8 @@ from cifarlab_contract.classes import CIFAR10_CLASSES
 from cifarlab_contract.model import contract_metadata
 from tests.conftest import CONFIGS, SAMPLE, run_cli
 
+pytestmark = pytest.mark.slow  # trains and evaluates models
+
 OTHER_CLASSES = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
 
 

@@ -23,9 +23,8 @@ from serve.service import Answer, Service
 from serve.settings import Settings
 from serve.variants import VariantSpec
 from tests.conftest import run_cli
-from tests.export.test_onnx import tiny_net
-from tests.monitoring.conftest import Traffic, noise_png, shadow_predictions, wait_until
-from tests.serve.conftest import API_KEY, Server
+from tests.serve.conftest import API_KEY, Server, Traffic, noise_png, shadow_predictions, wait_until
+from tests.training.export.test_onnx import tiny_net
 
 
 @pytest.fixture
@@ -42,6 +41,7 @@ def predict(http: httpx.Client, client_id: str | None = None, images: int = 1) -
     return response
 
 
+@pytest.mark.slow
 def test_a_client_stays_on_its_variant_and_the_response_names_it(http: httpx.Client) -> None:
     for client in ("alice", "bob", "carol"):
         answers = {
@@ -53,6 +53,7 @@ def test_a_client_stays_on_its_variant_and_the_response_names_it(http: httpx.Cli
     assert seen.count("champion") > seen.count("canary")
 
 
+@pytest.mark.slow
 def test_each_variant_reports_its_model_and_share(http: httpx.Client) -> None:
     canary = http.get("/v1/model", params={"variant": "canary"}).json()
     assert (canary["variant"], canary["traffic_share"], canary["shadow"], canary["drift_reference"]) == (
@@ -67,6 +68,7 @@ def test_each_variant_reports_its_model_and_share(http: httpx.Client) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_variant"
 
 
+@pytest.mark.slow
 def test_reload_names_its_variant_when_there_are_several(http: httpx.Client) -> None:
     unnamed = http.post("/v1/admin/reload", json={})
     assert unnamed.status_code == 422 and unnamed.json()["error"]["code"] == "variant_required"
@@ -74,6 +76,7 @@ def test_reload_names_its_variant_when_there_are_several(http: httpx.Client) -> 
     assert reloaded.status_code == 200 and reloaded.json()["model"]["variant"] == "canary"
 
 
+@pytest.mark.slow
 def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
     http: httpx.Client, ab_traffic: Traffic, ab_server: Server
 ) -> None:
@@ -101,6 +104,7 @@ def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
     assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "conflicting_feedback"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -125,6 +129,7 @@ def test_bad_feedback_is_a_4xx_and_stores_nothing(
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.slow
 def test_drift_report_flags_the_noise_traffic_per_variant(http: httpx.Client) -> None:
     report = http.get("/v1/drift").json()["variants"]
     assert set(report) == {"champion", "canary", "challenger"}
@@ -144,6 +149,7 @@ def test_drift_report_flags_the_noise_traffic_per_variant(http: httpx.Client) ->
     assert champion["reference"]["images"] > 0
 
 
+@pytest.mark.slow
 def test_feedback_and_drift_show_up_as_metrics(http: httpx.Client, ab_traffic: Traffic) -> None:
     metrics = http.get("/metrics").text
     assert 'cifarlab_drift_detected{variant="champion"} 1.0' in metrics
@@ -166,6 +172,7 @@ def test_variants_that_predict_different_classes_do_not_start(tiny_model: Path, 
         asyncio.run(service.start())
 
 
+@pytest.mark.slow
 def test_ab_report_reads_the_servers_feedback_and_metrics(
     http: httpx.Client, ab_server: Server, ab_traffic: Traffic, tmp_path: Path
 ) -> None:

@@ -17,7 +17,9 @@ from cifarlab_contract.model import contract_metadata
 from serve.model import load_model
 from serve.settings import Settings
 from tests.conftest import ROOT, run_cli
-from tests.export.test_onnx import random_images, tiny_net
+from tests.training.export.test_onnx import random_images, tiny_net
+
+pytestmark = pytest.mark.slow  # calibrates and scores INT8 models
 
 # An x86 CPU with AVX2 and without AVX-512 or VNNI, emulated (Debian's qemu-user): there ONNX Runtime multiplies
 # uint8 by int8 with the saturating instruction that VNNI CPUs do without.

@@ -19,7 +19,7 @@ from cifarlab_contract.drift import (
     softmax,
 )
 from cifarlab_contract.model import REFERENCE_KEY
-from tests.export.test_onnx import random_images
+from tests.training.export.test_onnx import random_images
 
 
 def test_reference_is_the_exported_models_statistics(tiny_model: Path, tmp_path: Path) -> None:

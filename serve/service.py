@@ -15,9 +15,9 @@ from cifarlab_contract.feedback import FeedbackRecord, feedback_key
 from serve.batching import BatchFailed, MicroBatcher, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
 from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
-from serve.logging import get_logger
-from serve.metrics import Metrics
+from serve.json_logs import get_logger
 from serve.model import LoadedModel, ModelLoadError, load_model
+from serve.prometheus_metrics import Metrics
 from serve.settings import Settings
 from serve.variants import VariantRouter, VariantSpec
 

@@ -168,7 +168,7 @@ LOCK = $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 	$(if $(TORCH_FIND_LINKS),--no-sources --find-links $(TORCH_FIND_LINKS))
 
-lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
+lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: docs/delivery.md)
 	$(LOCK) --extra serve --output-file requirements/serve.txt
 	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
 

@@ -31,7 +31,7 @@ _REGISTRY = OmegaConf.load(CONFIGS / "registry.yaml").registry
 CHAMPION_ALIAS, CHALLENGER_ALIAS = _REGISTRY.champion_alias, _REGISTRY.challenger_alias
 
 # Small, fast and CPU-only: the overrides every training test starts from. One ONNX export per run, at the end
-# (export takes seconds); tests/export/test_onnx.py checks the export of every new best.
+# (export takes seconds); tests/training/export/test_onnx.py checks the export of every new best.
 TINY = [
     "trainer.accelerator=cpu",
     "debug=limit",

@@ -10,7 +10,7 @@ the same prepared CIFAR-10 copy. Writes JSON and prints a table.
     python scripts/bench_speed.py --quick                       # minutes on 2 CPU cores; last line: the ratio
     CIFAR10_SOURCE=/path/cifar10-jpg.tar.gz python scripts/bench_speed.py --experiment cpu_airbench
     python scripts/bench_speed.py --experiment speedrun --device cuda --seeds 10 --reference-airbench \\
-        data.source=/path/cifar10-jpg.tar.gz                   # on a GPU machine (see README, Speed)
+        data.source=/path/cifar10-jpg.tar.gz                   # on a GPU machine (see docs/training.md, Speed)
 """
 
 import argparse

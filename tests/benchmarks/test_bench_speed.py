@@ -16,7 +16,7 @@ def test_one_epoch_benchmark_reports_both_paths_and_their_ratio(tmp_path, prepar
     document = bench_speed.main(
         [
             "--epochs=1",
-            "--no-tracked",  # the tracked path is train()'s default, tested in tests/test_train.py
+            "--no-tracked",  # the tracked path is train()'s default, tested in tests/training/test_train.py
             f"--out={out}",
             f"data.source={SAMPLE}",
             f"data.prepared_root={prepared_root}",

@@ -44,7 +44,7 @@ def test_other_sizes_are_resized_with_the_documented_filter():
     image = pattern((97, 61))
     decoded = decode_image(encode(image), LIMIT)
     np.testing.assert_array_equal(decoded, np.asarray(image.resize((32, 32), RESAMPLE)))
-    assert RESAMPLE == Image.Resampling.BILINEAR  # the filter README and the OpenAPI description name
+    assert RESAMPLE == Image.Resampling.BILINEAR  # the filter docs/serving.md and the OpenAPI description name
 
 
 def test_animated_gif_uses_its_first_frame():

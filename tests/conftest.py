@@ -96,11 +96,15 @@ def run_cli(
     *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """Run a repository entry point (train.py, eval.py, scripts/...) as a user would."""
-    inherited = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_SOURCE", "MLFLOW_TRACKING_URI")}
-    full_env = {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment run_cli runs an entry point in: the suite's, without a data source or tracking server."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_SOURCE", "MLFLOW_TRACKING_URI")}
+    return {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
 
 
 # A Docker engine and the serving image, for the tests that run containers (defined beside their helpers).

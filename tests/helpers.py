@@ -1,6 +1,7 @@
 """Test-only pieces that runs load through config overrides (`+callbacks.x._target_=tests.helpers.X`)."""
 
 import json
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -93,3 +94,13 @@ class _Recorder(TorchFunctionMode):
         if name in self.names:
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+class Stall(Callback):
+    """Sleep at fit start, its MLflow run open: a job that is still running when the test kills it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        time.sleep(self.seconds)

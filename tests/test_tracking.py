@@ -127,6 +127,29 @@ def test_mlflow_logger_keeps_an_explicit_artifact_location(store, tmp_path):
     assert run.data.tags["k"] == "v"
 
 
+class LateLookup(MlflowClient):
+    """A client whose first lookup of an experiment misses it, while another job creates it just after: what two
+    jobs of a sweep starting at once see."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.rival_created: str | None = None
+
+    def get_experiment_by_name(self, name):
+        if self.rival_created is None:
+            self.rival_created = MlflowClient(self._tracking_client.tracking_uri).create_experiment(name)
+            return None
+        return super().get_experiment_by_name(name)
+
+
+def test_a_run_whose_experiment_another_job_creates_meanwhile_joins_that_experiment(store):
+    logger = mlflow_logger(store.uri, experiment_name="raced", run_name="second")
+    logger._mlflow_client = late = LateLookup(store.uri)  # the client the logger creates its experiment through
+    run = MlflowClient(store.uri).get_run(logger.run_id)
+    assert late.rival_created is not None and run.info.experiment_id == late.rival_created
+    assert run.info.run_name == "second"
+
+
 CONFIG = {
     "model": {"net": {"_target_": "cifarlab.models.airbench.AirbenchNet", "widths": [8, 16, 16]}},
     "optimizer": {"lr": 0.05},

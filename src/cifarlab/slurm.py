@@ -37,6 +37,16 @@ def check_client() -> None:
     _check_accounting()
 
 
+def check_time_limit(timeout_min: int, signal_delay_s: int) -> None:
+    """submitit asks SLURM for its warning signal `signal_delay_s` before the time limit, and ends the job on it: a
+    delay as long as the limit would end every job as it starts."""
+    if signal_delay_s >= timeout_min * 60:
+        raise SchedulerError(
+            f"hydra.launcher.signal_delay_s={signal_delay_s} is not shorter than hydra.launcher.timeout_min="
+            f"{timeout_min} (minutes): submitit would stop each job at its start as timed out"
+        )
+
+
 def _client(*command: str) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)

@@ -16,7 +16,11 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from mlflow import MlflowClient
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from cifarlab.registry import ONNX_SHA256_TAG
 from cifarlab.runtime import file_sha256
@@ -138,11 +142,35 @@ def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str 
 
 
 class RegisteringMLFlowLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger, plus the registered-model name the run's ONNX export is registered under."""
+    """Lightning's MLFlowLogger, plus the registered-model name the run's ONNX export is registered under, and an
+    experiment found or created safely when several runs start at once (a sweep's jobs on a cluster)."""
 
     def __init__(self, *args: Any, registered_model_name: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.registered_model_name = registered_model_name
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MlflowClient:
+        if not self._initialized and self._run_id is None and self._experiment_id is None:
+            self._experiment_id = _experiment_id(self._mlflow_client, self._experiment_name, self._artifact_location)
+        return super().experiment
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if missing. Lightning looks it up, then creates it: of two jobs that both found
+    nothing, the second one's create fails (RESOURCE_ALREADY_EXISTS), and then the first one's is there to find."""
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage != "deleted":
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        created = client.get_experiment_by_name(name)
+        lost_race = error.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS) and created is not None
+        if not lost_race or created is None or created.lifecycle_stage == "deleted":
+            raise
+        return created.experiment_id
 
 
 def mlflow_logger(

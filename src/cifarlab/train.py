@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifarlab import tracking
+from cifarlab import slurm, tracking
 from cifarlab.callbacks.onnx_export import OnnxExport
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
@@ -80,8 +80,11 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _rank() -> int:
-    """This process's rank in a distributed run: Lightning sets it on rank_zero_only, untyped, before any hook."""
-    return int(getattr(rank_zero_only, "rank", 0))
+    """This process's rank in a distributed run, before the Trainer exists: Lightning reads RANK, LOCAL_RANK or
+    SLURM_PROCID into rank_zero_only (untyped) at import. A node started by hand with the rendezvous variables
+    (NODE_RANK=1, no RANK) reads as 0 there until fit: any other node is never rank 0."""
+    rank = int(getattr(rank_zero_only, "rank", 0))
+    return rank or int(os.environ.get("NODE_RANK", "0"))
 
 
 def _publish(cfg: DictConfig, best: str, onnx: Path | None, model: Any, version: str | None) -> None:
@@ -145,6 +148,7 @@ def _run_tags(cfg: DictConfig, datamodule: Any) -> dict[str, str]:
         "output_dir": cfg.paths.output_dir,
         **tracking.git_state(cfg.paths.root_dir),
         **tracking.system_info(cfg.trainer.accelerator),
+        **slurm.job_tags(),
     }
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         hydra_cfg = HydraConfig.get()

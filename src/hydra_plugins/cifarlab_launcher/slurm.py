@@ -23,7 +23,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import DictConfig, OmegaConf
 
 from cifarlab.runtime import user_errors_exit
-from cifarlab.slurm import check_client, check_request, job_end
+from cifarlab.slurm import check_client, check_request, check_time_limit, job_end
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
     @user_errors_exit
     def _check_cluster(self) -> None:
         check_client()  # first: submitit's executor looks for srun as it is made
+        check_time_limit(self.params["timeout_min"], self.params["signal_delay_s"])
         check_request(self._executor()._executor._make_submission_file_text("true", "check"))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -56,9 +57,10 @@ class SlurmLauncher(SubmititSlurmLauncher):
             for num, overrides in zip(numbers, job_overrides, strict=True)
         ]
         jobs = self._executor().map_array(self, *zip(*arguments, strict=True))
-        for num, job, overrides in zip(numbers, jobs, job_overrides, strict=True):
+        submitted = list(zip(numbers, jobs, job_overrides, strict=True))
+        for num, job, overrides in submitted:
             log.info(f"\t#{num} : SLURM job {job.job_id} : {' '.join(filter_overrides(overrides))}")
-        return [self._result(num, job, overrides) for num, job, overrides in zip(numbers, jobs, job_overrides)]
+        return [self._result(num, job, overrides) for num, job, overrides in submitted]
 
     def _executor(self) -> Any:
         """The submitit executor of the sweep's jobs, with the launcher's parameters (hydra-submitit-launcher's
@@ -79,13 +81,20 @@ class SlurmLauncher(SubmititSlurmLauncher):
 
         try:
             result: JobReturn = job.results()[0]  # task 0's: the rank that tracks a multi-node run
-        except (UncompletedJobError, FailedJobError):
+        except (UncompletedJobError, FailedJobError):  # no result: SLURM ended it, or it died
             stderr = job.paths.stderr.read_text() if job.paths.stderr.exists() else ""
-            line = f"sweep job #{num} (SLURM job {job.job_id}) ended {job_end(job.state, stderr)}"
-            log.error(f"\t#{num} : {line} (log: {job.paths.stderr})")
-            return JobReturn(
-                overrides=list(overrides), status=JobStatus.FAILED, _return_value=SweepJobFailed(f"error: {line}")
-            )
+            return self._failed(num, job, overrides, f"ended {job_end(job.state, stderr)}")
+        if result.status == JobStatus.FAILED and isinstance(result._return_value, UncompletedJobError):
+            # submitit's answer to SLURM's warning signal, signal_delay_s before the time limit (--signal=USR2@...)
+            limit = f"timeout_min={self.params['timeout_min']}, signal_delay_s={self.params['signal_delay_s']}"
+            return self._failed(num, job, overrides, f"reached its time limit ({limit}): {result._return_value}")
         if result.status == JobStatus.COMPLETED:
             log.info(f"\t#{num} : SLURM job {job.job_id} returned {result.return_value}")
         return result
+
+    def _failed(self, num: int, job: Any, overrides: Sequence[str], why: str) -> JobReturn:
+        line = f"sweep job #{num} (SLURM job {job.job_id}) {why}"
+        log.error(f"\t#{num} : {line} (log: {job.paths.stderr})")
+        return JobReturn(
+            overrides=list(overrides), status=JobStatus.FAILED, _return_value=SweepJobFailed(f"error: {line}")
+        )

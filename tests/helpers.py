@@ -1,6 +1,7 @@
 """Test-only pieces that runs load through config overrides (`+callbacks.x._target_=tests.helpers.X`)."""
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -31,7 +32,13 @@ class DumpWeights(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        torch.save({"state": state, "steps": trainer.global_step}, self.dirpath / f"rank{trainer.global_rank}.pt")
+        where = {
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "host": os.environ.get("SLURMD_NODENAME"),
+        }
+        record = {"state": state, "steps": trainer.global_step, **where}
+        torch.save(record, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
 class HostSyncGuard(Callback):

@@ -115,14 +115,14 @@ def _slurm_conf() -> str:
 
 
 def job_end(state: str, stderr: str) -> str:
-    """Why a job left no result, in one line: SLURM's state, and SLURM's (slurmstepd's) or the program's last word.
-
-    `CANCELLED by 0: JOB 12 ON n1 CANCELLED AT 2026-12-03T12:00:00 DUE TO TIME LIMIT`, `FAILED: error: ...`.
-    """
-    stepd = re.findall(r"slurmstepd: error: \*\*\* (.*?) \*\*\*", stderr)
-    program = [line for line in _lines(stderr) if not line.startswith(("srun: ", "slurmstepd: "))]
-    said = stepd[-1] if stepd else (program or ["its log is empty"])[-1]
-    return f"{state}: {said}"
+    """Why a job left no result, in one line: SLURM's state, and what SLURM said in the job's log (slurmstepd's
+    `*** JOB 12 ON n1 CANCELLED AT 2026-12-03T12:00:00 ***`); for a job that failed on its own, its last line."""
+    said = re.findall(r"^slurmstepd(?:-\S+)?: error: \*\*\* (.*?) \*\*\*", stderr, re.MULTILINE)
+    job = [line for line in said if line.startswith("JOB ")] or said
+    if job:
+        return f"{state}: {job[-1]}"
+    program = [line for line in _lines(stderr) if not line.startswith(("srun: ", "slurmstepd"))]
+    return f"{state}: {program[-1]}" if state.startswith("FAILED") and program else state
 
 
 def job_tags() -> dict[str, str]:

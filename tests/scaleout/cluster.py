@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,17 @@ class SlurmCluster:
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._wait(self._controller_up, "slurmctld to answer (scontrol ping)")
 
-    def stop_controller(self) -> None:
-        self._terminate("slurmctld")
+    @contextlib.contextmanager
+    def down(self, daemon: str) -> Iterator[None]:
+        """`daemon` (slurmctld or slurmdbd) stopped for the block, then started again and answering."""
+        command = self._processes[daemon].args
+        self._terminate(daemon)
+        try:
+            yield
+        finally:
+            self._spawn(daemon, command)
+            ready = self._nodes_idle if daemon == "slurmctld" else self._accounting_up
+            self._wait(ready, f"{daemon} to answer again")
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons (the controller and nodes first) and remove the folder."""
@@ -114,12 +124,19 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
-    def accounting(self, job_id: str) -> dict[str, str]:
-        """`sacct`'s record of one job (or array element, `12_1`): JobID, JobName, State, NodeList, ExitCode."""
+    def ended(self, job_id: str) -> dict[str, str]:
+        """`sacct`'s record of one job (or array element, `12_1`) once it has ended: JobID, JobName, State, NodeList,
+        ExitCode. The record lags the job by a second or two: a job's result is written before its process exits."""
         fields = ("JobID", "JobName", "State", "NodeList", "ExitCode")
-        result = self.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", ",".join(fields))
-        (line,) = result.stdout.strip().splitlines()
-        return dict(zip(fields, line.split("|"), strict=True))
+        record: dict[str, str] = {}
+
+        def read() -> bool:
+            lines = self.run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", ",".join(fields)).stdout.splitlines()
+            record.update(dict(zip(fields, lines[0].split("|"), strict=True)) if lines else {})
+            return bool(lines) and record["State"] not in ("PENDING", "RUNNING", "COMPLETING")
+
+        self._wait(read, f"job {job_id} to end in sacct")
+        return record
 
     def logs(self) -> str:
         """The end of every daemon's log, for a failing test's message."""
@@ -180,7 +197,7 @@ class SlurmCluster:
             )
         )
         self._spawn("slurmdbd", ["slurmdbd", "-D"])
-        self._wait(lambda: _accepts("127.0.0.1", self.ports["slurmdbd"]), "slurmdbd")
+        self._wait(self._accounting_up, "slurmdbd")
 
     def _write_slurm_conf(self) -> None:
         munge_socket = self.root / "munge" / "munge.socket"
@@ -243,6 +260,9 @@ class SlurmCluster:
                 reason = f"{', '.join(exited)} exited" if exited else f"not within {READY_S} s"
                 raise RuntimeError(f"waiting for {what}: {reason}\n{self.logs()}")
             time.sleep(0.1)
+
+    def _accounting_up(self) -> bool:
+        return _accepts("127.0.0.1", self.ports["slurmdbd"])
 
     def _controller_up(self) -> bool:
         return "is UP" in self.run("scontrol", "ping", check=False).stdout

@@ -35,10 +35,11 @@ def experiment(request: pytest.FixtureRequest) -> str:
 
 
 def start_train(
-    cluster: SlurmCluster, work: Path, prepared_root: Path, *overrides: str, env: dict[str, str] | None = None
+    cluster: SlurmCluster | None, work: Path, prepared_root: Path, *overrides: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
-    """`python train.py <overrides>` as a user on the cluster's login node starts it (SLURM_CONF names the cluster):
-    tiny CPU runs on the committed sample, everything they write under `work`, no model registered."""
+    """`python train.py <overrides>` as a user on the cluster's login node starts it (SLURM_CONF names the cluster),
+    or on a machine without SLURM: tiny CPU runs on the committed sample, everything they write under `work`, no
+    model registered."""
     command = [
         sys.executable,
         "train.py",
@@ -53,16 +54,18 @@ def start_train(
     return subprocess.Popen(
         command,
         cwd=ROOT,
-        env=cli_env({"SLURM_CONF": str(cluster.conf), **(env or {})}),
+        env=cli_env({**({"SLURM_CONF": str(cluster.conf)} if cluster else {}), **(env or {})}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def train_cli(cluster: SlurmCluster, work: Path, prepared_root: Path, *overrides: str) -> subprocess.CompletedProcess:
+def train_cli(
+    cluster: SlurmCluster | None, work: Path, prepared_root: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """start_train, waited for."""
-    with start_train(cluster, work, prepared_root, *overrides) as process:
+    with start_train(cluster, work, prepared_root, *overrides, env=env) as process:
         stdout, stderr = process.communicate(timeout=SWEEP_S)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 

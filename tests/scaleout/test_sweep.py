@@ -33,7 +33,7 @@ def test_a_sweep_runs_each_job_as_a_slurm_job_with_its_own_mlflow_run(
 
     values = returned(result.stdout + result.stderr)
     assert len(values) == 2, result.stdout[-3000:]
-    records = {job: slurm_cluster.accounting(job) for job in values}
+    records = {job: slurm_cluster.ended(job) for job in values}
     assert {record["State"] for record in records.values()} == {"COMPLETED"}
     assert {record["JobName"] for record in records.values()} == {"train"}
     assert {record["NodeList"] for record in records.values()} <= {"n0", "n1"}
@@ -72,7 +72,7 @@ def test_a_job_slurm_cancels_fails_in_one_line_and_the_other_job_stands(
         stdout, stderr = sweep.communicate(timeout=SWEEP_S)
 
     assert sweep.returncode == 1, stderr[-3000:]
-    assert slurm_cluster.accounting(stalled)["State"] == "CANCELLED by 0"
+    assert slurm_cluster.ended(stalled)["State"] == "CANCELLED by 0"
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr[-3000:]
     pattern = rf"error: sweep job #1 \(SLURM job {stalled}\) ended CANCELLED by 0: JOB \d+ ON n[01] CANCELLED AT \S+"
@@ -83,7 +83,7 @@ def test_a_job_slurm_cancels_fails_in_one_line_and_the_other_job_stands(
     runs = {run.data.tags["sweep.job"]: run for run in runs_of(mlflow_server, experiment)}
     assert runs["0"].info.status == "FINISHED" and "val/acc_best" in runs["0"].data.metrics  # untouched
     assert returned(stdout + stderr) == {f"{array}_0": pytest.approx(runs["0"].data.metrics["val/acc_best"])}
-    assert slurm_cluster.accounting(f"{array}_0")["State"] == "COMPLETED"
+    assert slurm_cluster.ended(f"{array}_0")["State"] == "COMPLETED"
     assert runs["1"].info.status == "RUNNING"  # killed with its run open: nothing told MLflow that it ended
 
 

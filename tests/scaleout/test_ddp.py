@@ -89,6 +89,8 @@ def only_run_written_by_rank_zero(work: Path, tracking_uri: str, experiment: str
     assert (folder / "model.onnx").is_file() and (folder / "checkpoints" / "best.ckpt").is_file()
     last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
     assert all(torch.equal(last[name], value) for name, value in rank0["state"].items())
-    logged = {artifact.path for artifact in MlflowClient(tracking_uri).list_artifacts(run.info.run_id)}
-    assert {"onnx_model", "checkpoints", "config.yaml"} <= logged
+    client = MlflowClient(tracking_uri)
+    assert {"checkpoints", "config.yaml"} <= {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    models = client.search_logged_models([run.info.experiment_id])  # the ONNX export, logged as an MLflow model
+    assert [model.source_run_id for model in models] == [run.info.run_id]
     return run

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke bench-serve bench-overhead quantize mlflow-server promote
+.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke bench-serve bench-scaleout bench-overhead quantize mlflow-server promote
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -112,6 +112,9 @@ docker-smoke: docker-build  ## $(SERVE_IMAGE) as its own user on MODEL_URI (newe
 bench-serve: venv  ## serving benchmark: serve/ vs a PyTorch-eager baseline and a bare floor; JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
 
+bench-scaleout: venv system-deps  ## (root) the README's sweep through a loopback SLURM cluster vs hydra/launcher=basic; JSON + Markdown
+	$(BIN)/python -m benchmarks.scaleout.bench_sweep $(ARGS)
+
 bench-overhead: venv  ## CPU time per request besides the model, each server, in-process; writes JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.overhead $(ARGS)
 
@@ -125,7 +128,7 @@ clean:
 .PHONY: typecheck smoke mps-train lock install-locked precommit system-deps dvc-pull dvc-push dvc-lock release-model docker-publish
 
 # mypy checks the package, and the inference service once it exists
-TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
+TYPECHECK_PATHS := src/cifarlab src/hydra_plugins $(wildcard serve)
 # The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
 # CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu

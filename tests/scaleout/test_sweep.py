@@ -92,3 +92,28 @@ def running_element(cluster, index: int) -> str | None:
     listed = cluster.run("squeue", "-h", "-o", "%i %T").stdout.split("\n")
     return next((job for job, state in (line.split() for line in listed if line) if job.endswith(f"_{index}")
                  and state == "RUNNING"), None)  # fmt: skip
+
+
+def test_a_job_at_its_time_limit_fails_in_one_line(slurm_cluster, mlflow_server, experiment, tmp_path, prepared_root):
+    # submitit ends a job on the signal SLURM sends it signal_delay_s before its time limit: here 20 s into the job
+    result = train_cli(
+        slurm_cluster,
+        tmp_path,
+        prepared_root,
+        "-m",
+        "hydra/launcher=slurm_cpu",
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=40",
+        "+callbacks.stall._target_=tests.helpers.Stall",
+        "+callbacks.stall.seconds=600",
+        f"logger.tracking_uri={mlflow_server}",
+        f"logger.experiment_name={experiment}",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: sweep job #0 \(SLURM job \d+\) reached its time limit \(timeout_min=1, signal_delay_s=40\): "
+        r"Job not requeued because: timed-out too many times\.",
+        errors[0],
+    ), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

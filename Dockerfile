@@ -18,8 +18,9 @@ RUN apt-get update \
 
 # Dependencies only, from the hash-locked requirements: nothing unpinned or unverified gets in. make docker-build
 # puts the locked wheels in build/wheels and they are installed offline; without them (a bare `docker build .`)
-# pip fetches the same hashes from its index. pip itself, and the packages' own test suites (numpy's and scipy's,
-# ~50 MB), are left out: the service never imports them.
+# pip fetches the same hashes from its index. Left out, because the service never loads them: pip itself, the
+# packages' own test suites, and ONNX Runtime's C API library (35 MB; its Python module links it neither at load
+# time, per ldd, nor by name, and the image test serves a real prediction without it).
 FROM python AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -31,7 +32,8 @@ RUN python3.11 -m venv /opt/venv \
     && if ls /tmp/requirements/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/requirements; fi \
     && /opt/venv/bin/pip install --no-deps --require-hashes --only-binary=:all: -r /tmp/requirements/serve.txt \
     && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
-    && find /opt/venv -depth -type d -name tests -exec rm -rf {} +
+    && find /opt/venv -depth -type d -name tests -exec rm -rf {} + \
+    && rm /opt/venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.*
 
 FROM python AS runtime
 RUN useradd --system --no-log-init --uid 10001 --no-create-home --shell /usr/sbin/nologin serve \

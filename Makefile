@@ -23,7 +23,7 @@ train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra
 test: system-deps lint typecheck pytest  ## system packages if missing, lint, type check, then the test suite (.ci/run)
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
-	$(BIN)/python -m pytest -n auto --dist loadgroup $(ARGS)  # loadgroup: the Docker tests share one worker
+	$(BIN)/python -m pytest -n auto $(ARGS)
 
 # Serial by default, so that a seed reproduces the order exactly (ARGS="-n auto" spreads it over the cores).
 # The RNGs are not reseeded before each test: a test sees the random state a normal run gives it, in a new order.

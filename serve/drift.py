@@ -10,7 +10,8 @@ the reference: two-sample Kolmogorov-Smirnov on confidence and the image statist
 predicted-class mix. The window counts as drifted when any test rejects at
 `alpha` divided by the number of tests (Bonferroni: the false-alarm rate of the whole family stays <= alpha).
 
-numpy and scipy only: the serving side imports no torch.
+numpy only (the significance tests are serve/significance.py): the serving side imports no torch, and its
+image carries no scipy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import stats
+
+from serve.significance import chi2_independence, ks_two_sample
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -194,15 +196,15 @@ def compare(
     Returns the flag (any test rejects at alpha / number of tests) and every test's result.
     """
     threshold = alpha / len(TESTS)
-    ks = stats.ks_2samp(values, reference.sample, axis=0, method="asymp")
+    distances, p_values = ks_two_sample(values, reference.sample)
     results = {
         name: DriftTest("ks", float(d), float(p), float(d), bool(p < threshold))
-        for name, d, p in zip(CONTINUOUS, ks.statistic, ks.pvalue, strict=True)
+        for name, d, p in zip(CONTINUOUS, distances, p_values, strict=True)
     }
     window_counts = np.bincount(predicted, minlength=len(reference.classes))
     table = np.stack([window_counts, reference.class_counts])
     table = table[:, table.sum(axis=0) > 0]  # a class neither side predicted carries no information
-    chi2, p_value = stats.chi2_contingency(table, correction=False)[:2] if table.shape[1] > 1 else (0.0, 1.0)
+    chi2, p_value = chi2_independence(table) if table.shape[1] > 1 else (0.0, 1.0)
     distance = 0.5 * np.abs(table[0] / table[0].sum() - table[1] / table[1].sum()).sum()
     results[CLASS_MIX] = DriftTest("chi2", float(chi2), float(p_value), float(distance), bool(p_value < threshold))
     return any(result.drifted for result in results.values()), results

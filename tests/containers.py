@@ -1,14 +1,16 @@
 """A real Docker engine and the serving image, for the tests that run containers (a pytest plugin: tests/conftest.py
 loads it). The engine comes from `make docker-engine`, which starts dockerd only when no engine answers; what it
-started is stopped at the end of the session. The image is built once per session by `make docker-build`. Tests that
-use them share one xdist worker (`xdist_group("docker")`, `--dist loadgroup` in the Makefile), so no worker stops
-the engine under another."""
+started is stopped when the last xdist worker using it finishes: the workers count themselves in and out under a
+file lock in the directory they share. The image is built once per test session by `make docker-build`, by the first
+worker that needs it."""
 
+import fcntl
 import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent  # tests.conftest's ROOT: that module imports this one
 TEST_IMAGE = "cifarlab-serve:test"
 BUILD_TIMEOUT_S = 1800  # a cold build here: the base made with debootstrap (~80 s) and the image (~80 s)
-DOCKER_GROUP = pytest.mark.xdist_group("docker")
 
 
 def make(
@@ -71,24 +72,55 @@ def wait_for_exit(container: str, timeout: float) -> int:
     raise AssertionError(f"{container} still running after {timeout} s")
 
 
+@contextmanager
+def locked(directory: Path) -> Iterator[Path]:
+    """`directory`, held under an exclusive lock that every xdist worker of this test session takes."""
+    directory.mkdir(exist_ok=True)
+    with open(directory / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield directory
+
+
+def shared_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory for all the workers of this test session (each worker's own base lies inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "docker-engine"
+
+
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An engine that answers; the environment its make targets run with (where a started engine keeps its state)."""
-    env = {"DOCKER_STATE": str(tmp_path_factory.mktemp("docker-engine"))}
-    started = make("docker-engine", env=env, timeout=120)
-    assert started.returncode == 0, (
-        f"{started.stderr.strip()} (a Docker engine: make system-deps installs Debian's docker.io)"
-    )
+    shared = shared_directory(tmp_path_factory)
+    env = {"DOCKER_STATE": str(shared / "state")}
+    with locked(shared) as directory:
+        users = directory / "users"
+        count = int(users.read_text()) if users.exists() else 0
+        if count == 0:
+            started = make("docker-engine", env=env, timeout=120)
+            assert started.returncode == 0, (
+                f"{started.stderr.strip()} (a Docker engine: make system-deps installs Debian's docker.io)"
+            )
+        users.write_text(str(count + 1))
     yield env
-    stopped = subprocess.run(
-        [str(ROOT / "scripts" / "docker_engine.sh"), "stop"], env={**os.environ, **env}, capture_output=True, text=True
-    )
-    assert stopped.returncode == 0, stopped.stderr
+    with locked(shared) as directory:
+        count = int((directory / "users").read_text()) - 1
+        (directory / "users").write_text(str(count))
+        if count == 0:
+            stopped = subprocess.run(
+                [str(ROOT / "scripts" / "docker_engine.sh"), "stop"],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+            )
+            assert stopped.returncode == 0, stopped.stderr
 
 
 @pytest.fixture(scope="session")
-def serve_image(docker_engine: dict[str, str]) -> str:
+def serve_image(docker_engine: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
     """The serving image, built by `make docker-build` (the base made here if it cannot be pulled)."""
-    built = make("docker-build", f"SERVE_IMAGE={TEST_IMAGE}", env=docker_engine, timeout=BUILD_TIMEOUT_S)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    with locked(shared_directory(tmp_path_factory)) as directory:
+        if not (directory / "image-built").exists():
+            built = make("docker-build", f"SERVE_IMAGE={TEST_IMAGE}", env=docker_engine, timeout=BUILD_TIMEOUT_S)
+            assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+            (directory / "image-built").touch()
     return TEST_IMAGE

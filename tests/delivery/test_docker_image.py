@@ -16,11 +16,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.containers import DOCKER_GROUP, docker, error_lines, free_port, make, publish_flags, wait_for_exit
+from tests.containers import docker, error_lines, free_port, make, publish_flags, wait_for_exit
 from tests.serve.test_serve_api import png
 from tests.serve.test_serve_lifecycle import raw_predict_request, read_response
-
-pytestmark = DOCKER_GROUP
 
 HEALTHY_WITHIN_S = 60
 STOP_GRACE_S = 10  # docker stop's default before it sends SIGKILL

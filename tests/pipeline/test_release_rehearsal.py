@@ -22,10 +22,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.containers import DOCKER_GROUP, TEST_IMAGE, docker, error_lines, free_port, make
+from tests.containers import TEST_IMAGE, docker, error_lines, free_port, make
 from tests.pipeline.conftest import REMOTE, Emulator, dvc, dvc_env, git
-
-pytestmark = DOCKER_GROUP
 
 VERSION = "v1.2.3"
 

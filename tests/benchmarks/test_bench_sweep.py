@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.scaleout import bench_sweep
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.integration
 
 
 def test_a_quick_run_times_the_cluster_start_and_both_launchers(tmp_path):

@@ -1,5 +1,5 @@
-"""The SLURM cluster the scale-out tests submit to (one per session, on one xdist worker: every test here is in
-`xdist_group("slurm")`), the MLflow server its jobs report to, and how a test runs train.py against it."""
+"""The SLURM cluster the scale-out tests submit to (one per session and xdist worker: each worker's tests see only
+their own jobs in its queue and accounting), the MLflow server its jobs report to, and how a test runs train.py."""
 
 import subprocess
 import sys
@@ -15,7 +15,7 @@ from tests.conftest import ROOT, TINY, cli_env
 from tests.pipeline.conftest import mlflow_server  # noqa: F401  (jobs on a cluster's nodes report to a server)
 from tests.scaleout.cluster import SlurmCluster
 
-SCALEOUT = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
+SCALEOUT = pytest.mark.integration
 SWEEP_S = 600  # two tiny jobs take about a minute here
 POLL_S = 0.5
 

@@ -47,11 +47,42 @@ def check_time_limit(timeout_min: int, signal_delay_s: int) -> None:
         )
 
 
-def _client(*command: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
-        raise SchedulerError(f"`{' '.join(command)}` did not answer within {CLIENT_TIMEOUT_S} s") from error
+def check_request(sbatch_script: str) -> None:
+    """Raise SchedulerError, in one line, unless SLURM would accept `sbatch_script` (one of the sweep's jobs)."""
+    with tempfile.TemporaryDirectory(prefix="cifarlab-sbatch-") as folder:
+        script = Path(folder) / "job.sh"
+        script.write_text(sbatch_script)
+        test = _client("sbatch", "--test-only", str(script))
+    if test.returncode == 0:
+        return
+    requested = " ".join(flag for flag in _sbatch_flags(sbatch_script) if flag.split("=")[0][2:] in RESOURCE_FLAGS)
+    raise SchedulerError(
+        f"SLURM refuses the sweep's jobs ({requested}): {_first(test.stderr)}; {_partitions()}; nothing was submitted"
+    )
+
+
+def job_end(state: str, stderr: str) -> str:
+    """Why a job left no result, in one line: SLURM's state, and what SLURM said in the job's log (slurmstepd's
+    `*** JOB 12 ON n1 CANCELLED AT 2026-12-03T12:00:00 ***`); for a job that failed on its own, its last line."""
+    said = re.findall(r"^slurmstepd(?:-\S+)?: error: \*\*\* (.*?) \*\*\*", stderr, re.MULTILINE)
+    job = [line for line in said if line.startswith("JOB ")] or said
+    if job:
+        return f"{state}: {job[-1]}"
+    program = [line for line in _lines(stderr) if not line.startswith(("srun: ", "slurmstepd"))]
+    return f"{state}: {program[-1]}" if state.startswith("FAILED") and program else state
+
+
+def job_tags() -> dict[str, str]:
+    """The SLURM job a run ran in, as MLflow tags (none outside SLURM): `12_1` for an element of an array job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return {}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {
+        "slurm.job_id": f"{array}_{task}" if array and task else job,
+        "slurm.cluster": os.environ.get("SLURM_CLUSTER_NAME", ""),
+        "slurm.nodes": os.environ.get("SLURM_JOB_NODELIST", ""),
+    }
 
 
 def _check_controller() -> None:
@@ -73,18 +104,11 @@ def _check_accounting() -> None:
         )
 
 
-def check_request(sbatch_script: str) -> None:
-    """Raise SchedulerError, in one line, unless SLURM would accept `sbatch_script` (one of the sweep's jobs)."""
-    with tempfile.TemporaryDirectory(prefix="cifarlab-sbatch-") as folder:
-        script = Path(folder) / "job.sh"
-        script.write_text(sbatch_script)
-        test = _client("sbatch", "--test-only", str(script))
-    if test.returncode == 0:
-        return
-    requested = " ".join(flag for flag in _sbatch_flags(sbatch_script) if flag.split("=")[0][2:] in RESOURCE_FLAGS)
-    raise SchedulerError(
-        f"SLURM refuses the sweep's jobs ({requested}): {_first(test.stderr)}; {_partitions()}; nothing was submitted"
-    )
+def _client(*command: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise SchedulerError(f"`{' '.join(command)}` did not answer within {CLIENT_TIMEOUT_S} s") from error
 
 
 def _sbatch_flags(script: str) -> list[str]:
@@ -112,27 +136,3 @@ def _lines(text: str) -> list[str]:
 
 def _slurm_conf() -> str:
     return os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
-
-
-def job_end(state: str, stderr: str) -> str:
-    """Why a job left no result, in one line: SLURM's state, and what SLURM said in the job's log (slurmstepd's
-    `*** JOB 12 ON n1 CANCELLED AT 2026-12-03T12:00:00 ***`); for a job that failed on its own, its last line."""
-    said = re.findall(r"^slurmstepd(?:-\S+)?: error: \*\*\* (.*?) \*\*\*", stderr, re.MULTILINE)
-    job = [line for line in said if line.startswith("JOB ")] or said
-    if job:
-        return f"{state}: {job[-1]}"
-    program = [line for line in _lines(stderr) if not line.startswith(("srun: ", "slurmstepd"))]
-    return f"{state}: {program[-1]}" if state.startswith("FAILED") and program else state
-
-
-def job_tags() -> dict[str, str]:
-    """The SLURM job a run ran in, as MLflow tags (none outside SLURM): `12_1` for an element of an array job."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job is None:
-        return {}
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return {
-        "slurm.job_id": f"{array}_{task}" if array and task else job,
-        "slurm.cluster": os.environ.get("SLURM_CLUSTER_NAME", ""),
-        "slurm.nodes": os.environ.get("SLURM_JOB_NODELIST", ""),
-    }

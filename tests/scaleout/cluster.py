@@ -81,7 +81,7 @@ class SlurmCluster:
             self._start_munge()
             self._start_accounting()
             self._write_slurm_conf()
-            self.start_controller()
+            self._start_controller()
             for node in self.nodes:
                 self._spawn(f"slurmd-{node.name}", ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
             self._wait(self._nodes_idle, "the nodes to be idle (sinfo)")
@@ -89,10 +89,6 @@ class SlurmCluster:
             self.stop()
             raise
         return time.monotonic() - started
-
-    def start_controller(self) -> None:
-        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-        self._wait(self._controller_up, "slurmctld to answer (scontrol ping)")
 
     @contextlib.contextmanager
     def down(self, daemon: str) -> Iterator[None]:
@@ -234,6 +230,10 @@ class SlurmCluster:
         ]
         partition = f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
         self.conf.write_text(settings + "\n".join([*nodes, partition]) + "\n")
+
+    def _start_controller(self) -> None:
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+        self._wait(self._controller_up, "slurmctld to answer (scontrol ping)")
 
     def _spawn(self, name: str, command: list[str]) -> None:
         with (self.root / "log" / f"{name}.out").open("ab") as log:

@@ -59,7 +59,8 @@ def markdown(report: dict) -> str:
             f"# A sweep through SLURM vs the same sweep run locally ({report['machine']}, {report['date']})",
             "",
             f"The sweep: `{' '.join(report['sweep'])}` (the committed sample, CSV logs); {report['repeats']} runs of "
-            f"each launcher, taking turns. The cluster: {report['nodes']} nodes of {report['node']} on this machine.",
+            f"each launcher, taking turns. The cluster: {report['nodes']} nodes of {report['node']} on this machine. "
+            f"The host's load average: {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after.",
             "",
             "| what | median s | min s | max s |",
             "|---|---|---|---|",
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     starts, repeats = (1, 1) if args.quick else (args.starts, args.repeats)
     jobs = ["model=airbench", "debug=fast_dev_run"] if args.quick else ["model=airbench,baseline", "debug=limit"]
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as scratch:
         start_s, cluster = [], None
         for attempt in range(starts):
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     node = cluster.nodes[0]
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "load_average": [load_before, os.getloadavg()[0]],  # the host's 1-minute load, before and after: other work
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "sweep": ["python", "train.py", "-m", *jobs],
         "repeats": repeats,

@@ -16,6 +16,7 @@ from tests.pipeline.conftest import mlflow_server  # noqa: F401  (jobs on a clus
 from tests.scaleout.cluster import SlurmCluster
 
 SCALEOUT = pytest.mark.integration
+SLURM_SWEEP = ("-m", "hydra/launcher=slurm_cpu")  # the README's sweep on CPU nodes, its launcher as configured
 SWEEP_S = 600  # two tiny jobs take about a minute here
 POLL_S = 0.5
 
@@ -32,6 +33,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 def experiment(request: pytest.FixtureRequest) -> str:
     """An MLflow experiment of the test's own on the shared server: its runs are the test's runs."""
     return f"scaleout-{request.node.name}"
+
+
+@pytest.fixture
+def tracked(mlflow_server: str, experiment: str) -> list[str]:  # noqa: F811  (the fixture imported above)
+    """The overrides that send a run to the test's own experiment on the MLflow server."""
+    return [f"logger.tracking_uri={mlflow_server}", f"logger.experiment_name={experiment}"]
 
 
 def start_train(

@@ -8,7 +8,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.containers import free_port
-from tests.scaleout.conftest import SCALEOUT, SWEEP_S, runs_of, start_train, train_cli
+from tests.scaleout.conftest import SCALEOUT, SLURM_SWEEP, SWEEP_S, runs_of, start_train, train_cli
 from tests.scaleout.test_sweep import returned
 
 pytestmark = SCALEOUT
@@ -20,18 +20,16 @@ def dump_weights(work: Path) -> list[str]:
     return ["+callbacks.dump._target_=tests.helpers.DumpWeights", f"+callbacks.dump.dirpath={work / 'ranks'}"]
 
 
-def test_ddp_across_two_slurm_nodes(slurm_cluster, mlflow_server, experiment, tmp_path, prepared_root):
+def test_ddp_across_two_slurm_nodes(slurm_cluster, mlflow_server, experiment, tracked, tmp_path, prepared_root):
     result = train_cli(
         slurm_cluster,
         tmp_path,
         prepared_root,
-        "-m",
-        "hydra/launcher=slurm_cpu",
+        *SLURM_SWEEP,
         "hydra.launcher.nodes=2",  # one task on each node
         *TWO_NODES,
         *dump_weights(tmp_path),
-        f"logger.tracking_uri={mlflow_server}",
-        f"logger.experiment_name={experiment}",
+        *tracked,
         env={"MASTER_ADDR": "127.0.0.1"},  # the nodes' names (n0, n1) are not in DNS
     )
     assert result.returncode == 0, result.stderr[-3000:] + slurm_cluster.logs()
@@ -43,7 +41,9 @@ def test_ddp_across_two_slurm_nodes(slurm_cluster, mlflow_server, experiment, tm
     assert run.data.tags["slurm.job_id"] == job and run.data.tags["slurm.nodes"] == "n[0-1]"
 
 
-def test_ddp_with_the_readme_rendezvous_variables_on_loopback(mlflow_server, experiment, tmp_path, prepared_root):
+def test_ddp_with_the_readme_rendezvous_variables_on_loopback(
+    mlflow_server, experiment, tracked, tmp_path, prepared_root
+):
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     nodes = [
         start_train(
@@ -52,8 +52,7 @@ def test_ddp_with_the_readme_rendezvous_variables_on_loopback(mlflow_server, exp
             prepared_root,
             *TWO_NODES,
             *dump_weights(tmp_path),
-            f"logger.tracking_uri={mlflow_server}",
-            f"logger.experiment_name={experiment}",
+            *tracked,
             f"hydra.run.dir={tmp_path / 'hydra' / f'node{rank}'}",
             env={**rendezvous, "NODE_RANK": str(rank)},
         )

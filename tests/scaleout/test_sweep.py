@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.scaleout.conftest import SCALEOUT, SWEEP_S, runs_of, start_train, train_cli, wait_until
+from tests.scaleout.conftest import SCALEOUT, SLURM_SWEEP, SWEEP_S, runs_of, start_train, train_cli, wait_until
 
 pytestmark = SCALEOUT
 
@@ -16,19 +16,9 @@ def returned(stdout: str) -> dict[str, float]:
 
 
 def test_a_sweep_runs_each_job_as_a_slurm_job_with_its_own_mlflow_run(
-    slurm_cluster, mlflow_server, experiment, tmp_path, prepared_root
+    slurm_cluster, mlflow_server, experiment, tracked, tmp_path, prepared_root
 ):
-    # the README's command for CPU nodes, its launcher as configured
-    result = train_cli(
-        slurm_cluster,
-        tmp_path,
-        prepared_root,
-        "-m",
-        "hydra/launcher=slurm_cpu",
-        "model=airbench,baseline",
-        f"logger.tracking_uri={mlflow_server}",
-        f"logger.experiment_name={experiment}",
-    )
+    result = train_cli(slurm_cluster, tmp_path, prepared_root, *SLURM_SWEEP, "model=airbench,baseline", *tracked)
     assert result.returncode == 0, result.stderr[-3000:] + slurm_cluster.logs()
 
     values = returned(result.stdout + result.stderr)
@@ -53,18 +43,16 @@ def test_a_sweep_runs_each_job_as_a_slurm_job_with_its_own_mlflow_run(
 
 
 def test_a_job_slurm_cancels_fails_in_one_line_and_the_other_job_stands(
-    slurm_cluster, mlflow_server, experiment, tmp_path, prepared_root
+    slurm_cluster, mlflow_server, experiment, tracked, tmp_path, prepared_root
 ):
     with start_train(
         slurm_cluster,
         tmp_path,
         prepared_root,
-        "-m",
-        "hydra/launcher=slurm_cpu",
+        *SLURM_SWEEP,
         "+callbacks.stall._target_=tests.helpers.Stall",
         "+callbacks.stall.seconds=0,600",  # job 1 waits, its run open, until it is cancelled
-        f"logger.tracking_uri={mlflow_server}",
-        f"logger.experiment_name={experiment}",
+        *tracked,
     ) as sweep:
         wait_until(lambda: len(runs_of(mlflow_server, experiment)) == 2, "both jobs' MLflow runs", sweep)
         stalled = wait_until(lambda: running_element(slurm_cluster, 1), "job 1 running", sweep)
@@ -94,20 +82,18 @@ def running_element(cluster, index: int) -> str | None:
                  and state == "RUNNING"), None)  # fmt: skip
 
 
-def test_a_job_at_its_time_limit_fails_in_one_line(slurm_cluster, mlflow_server, experiment, tmp_path, prepared_root):
+def test_a_job_at_its_time_limit_fails_in_one_line(slurm_cluster, tracked, tmp_path, prepared_root):
     # submitit ends a job on the signal SLURM sends it signal_delay_s before its time limit: here 20 s into the job
     result = train_cli(
         slurm_cluster,
         tmp_path,
         prepared_root,
-        "-m",
-        "hydra/launcher=slurm_cpu",
+        *SLURM_SWEEP,
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=40",
         "+callbacks.stall._target_=tests.helpers.Stall",
         "+callbacks.stall.seconds=600",
-        f"logger.tracking_uri={mlflow_server}",
-        f"logger.experiment_name={experiment}",
+        *tracked,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -80,9 +80,9 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _rank() -> int:
-    """This process's rank in a distributed run, before the Trainer exists: Lightning reads RANK, LOCAL_RANK or
-    SLURM_PROCID into rank_zero_only (untyped) at import. A node started by hand with the rendezvous variables
-    (NODE_RANK=1, no RANK) reads as 0 there until fit: any other node is never rank 0."""
+    """This process's rank in a distributed run, or at least whether it is 0, before the Trainer exists. Lightning
+    reads RANK, LOCAL_RANK or SLURM_PROCID into rank_zero_only (untyped) at import; a node started by hand with the
+    rendezvous variables (NODE_RANK=1, no RANK) reads as 0 there until fit, so its node rank stands in."""
     rank = int(getattr(rank_zero_only, "rank", 0))
     return rank or int(os.environ.get("NODE_RANK", "0"))
 

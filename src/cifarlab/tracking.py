@@ -1,7 +1,7 @@
 """What every run records: config, code version, data identity, system, results and artefacts.
 
-The MLflow side goes through the Lightning MLFlowLogger's client for params, tags and metrics, and through
-the fluent API (attached to the same run) only to log the ONNX model, which has no client-level call.
+The MLflow side goes through the Lightning MLFlowLogger's client for params, tags and metrics; the ONNX model is
+logged and registered by the model registry's own code (cifarlab_lifecycle.registry.register_onnx).
 """
 
 import json
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning
-import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -22,13 +21,11 @@ from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from cifarlab.registry import ONNX_SHA256_TAG
-from cifarlab.runtime import file_sha256
+from cifarlab.errors import ConfigError
+from cifarlab_lifecycle.registry import default_artifact_location, register_onnx
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
-CHAMPION_ALIAS = "champion"  # the registered model version production serves
-CHALLENGER_ALIAS = "challenger"  # the version being tried against it (every training run registers one)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -106,48 +103,25 @@ def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, che
     if onnx_path is None or not onnx_path.exists():
         return None
     registered_name = getattr(logger, "registered_model_name", None)
-    version = _log_onnx_model(logger, onnx_path, registered_name)
-    if version is not None:
-        client.set_model_version_tag(registered_name, version, ONNX_SHA256_TAG, file_sha256(onnx_path))
-        # The newest model is what is being tried; scripts/promote.py decides whether it becomes the champion.
-        client.set_registered_model_alias(registered_name, CHALLENGER_ALIAS, version)
-    return version
-
-
-def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str | None) -> str | None:
-    import mlflow
-    import onnx
-    import onnxruntime
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    model = onnx.load(str(onnx_path))
-    classes = len(json.loads({p.key: p.value for p in model.metadata_props}["classes"]))
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 32, 32, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "logits")]),
-    )
-    mlflow.set_tracking_uri(logger._tracking_uri)
-    with mlflow.start_run(run_id=logger.run_id):
-        info = mlflow.onnx.log_model(
-            model,
-            name="onnx_model",
-            signature=signature,
-            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
-            save_as_external_data=False,
-            registered_model_name=registered_name,
-        )
-    version = info.registered_model_version
-    return None if version is None else str(version)
+    challenger_alias = getattr(logger, "challenger_alias", None)
+    assert run_id is not None  # the client calls above created the run
+    return register_onnx(logger._tracking_uri, run_id, onnx_path, registered_name, challenger_alias)
 
 
 class RegisteringMLFlowLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger, plus the registered-model name the run's ONNX export is registered under, and an
-    experiment found or created safely when several runs start at once (a sweep's jobs on a cluster)."""
+    """Lightning's MLFlowLogger, plus the registered model the run's ONNX export becomes a version of, the alias that
+    version gets, and an experiment found or created safely when several runs start at once (a sweep's jobs)."""
 
-    def __init__(self, *args: Any, registered_model_name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        registered_model_name: str | None = None,
+        challenger_alias: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.registered_model_name = registered_model_name
+        self.challenger_alias = challenger_alias
 
     @property
     @rank_zero_experiment
@@ -167,7 +141,7 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
         return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException as error:
         created = client.get_experiment_by_name(name)
-        lost_race = error.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS) and created is not None
+        lost_race = error.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS)
         if not lost_race or created is None or created.lifecycle_stage == "deleted":
             raise
         return created.experiment_id
@@ -181,20 +155,20 @@ def mlflow_logger(
     artifact_location: str | None = None,
     tags: Mapping[str, str] | None = None,
     registered_model_name: str | None = None,
+    challenger_alias: str | None = None,
 ) -> RegisteringMLFlowLogger:
     """An MLFlowLogger whose artefacts sit beside a local SQLite store (not in the current directory, where
     MLflow would put them); with a server, the server decides where artefacts go. With `registered_model_name`,
-    the run's ONNX export becomes a new version of that registered model, with the alias `challenger`."""
-    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri.removeprefix("sqlite:///"))
-        database.parent.mkdir(parents=True, exist_ok=True)
-        artifact_location = (database.parent / "artifacts").resolve().as_uri()
+    the run's ONNX export becomes a new version of that registered model, aliased `challenger_alias`."""
+    if registered_model_name and not challenger_alias:
+        raise ConfigError(f"registering {registered_model_name!r} needs the challenger alias (configs/registry.yaml)")
     return RegisteringMLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
         run_id=run_id,
         tracking_uri=tracking_uri,
-        artifact_location=artifact_location,
+        artifact_location=artifact_location or default_artifact_location(tracking_uri),
         tags=dict(tags or {}),
         registered_model_name=registered_model_name,
+        challenger_alias=challenger_alias,
     )

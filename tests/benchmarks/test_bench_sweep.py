@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.scaleout import bench_sweep
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real SLURM cluster; a benchmark
 
 
 def test_a_quick_run_times_the_cluster_start_and_both_launchers(tmp_path):

@@ -12,10 +12,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, TINY, cli_env
-from tests.pipeline.conftest import mlflow_server  # noqa: F401  (jobs on a cluster's nodes report to a server)
 from tests.scaleout.cluster import SlurmCluster
 
-SCALEOUT = pytest.mark.integration
+SCALEOUT = [pytest.mark.integration, pytest.mark.slow]  # a real SLURM cluster; each test runs train.py end to end
 SLURM_SWEEP = ("-m", "hydra/launcher=slurm_cpu")  # the README's sweep on CPU nodes, its launcher as configured
 SWEEP_S = 600  # two tiny jobs take about a minute here
 POLL_S = 0.5
@@ -36,8 +35,9 @@ def experiment(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def tracked(mlflow_server: str, experiment: str) -> list[str]:  # noqa: F811  (the fixture imported above)
-    """The overrides that send a run to the test's own experiment on the MLflow server."""
+def tracked(mlflow_server: str, experiment: str) -> list[str]:
+    """The overrides that send a run to the test's own experiment on the MLflow server (tests/servers.py): jobs on
+    a cluster's nodes report to a server."""
     return [f"logger.tracking_uri={mlflow_server}", f"logger.experiment_name={experiment}"]
 
 

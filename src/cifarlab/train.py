@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
         if trainer.is_global_zero:
+            _report_test(run_dir, model, len(datamodule.load().test.labels), mlflow)
             _write_test_report(run_dir, model)
 
     onnx = next((c.path for c in callbacks if isinstance(c, OnnxExport)), None)
@@ -150,6 +151,18 @@ def _run_tags(cfg: DictConfig, datamodule: Any) -> dict[str, str]:
         hydra_cfg = HydraConfig.get()
         tags.update({"sweep.id": Path(hydra_cfg.sweep.dir).name, "sweep.job": str(hydra_cfg.job.num)})
     return tags
+
+
+def _report_test(run_dir: Path, model: Any, split_size: int, mlflow: Any) -> None:
+    """Say what the test metrics cover: all of the test split, or a subset (trainer.limit_test_batches) of which
+    size; the same words go to the run's `test.images` tag."""
+    report = model.test_report
+    images = int(report["images"])
+    coverage = f"all {images:,}" if images == split_size else f"a subset, {images:,} of the {split_size:,}"
+    where = run_dir / "test_metrics.json"
+    log.info("Test accuracy %.2f%% on %s test images (%s)", 100 * report["acc"], coverage, where)
+    if mlflow is not None:
+        mlflow.experiment.set_tag(mlflow.run_id, "test.images", f"{coverage} test images")
 
 
 def _write_test_report(run_dir: Path, model: Any) -> None:

@@ -79,7 +79,7 @@ class OnnxExport(Callback):
             module.class_names, self.run_id, datamodule.load().manifest_sha256, checkpoint=Path(source).name
         )
         export_onnx(module.net, self.path, metadata)
-        images = datamodule.val_images  # sorted by class: a strided slice covers every class
+        images = datamodule.val_images  # stored shuffled (prepare): a strided slice covers every class
         images = images[:: max(1, len(images) // self.verify_images)][: self.verify_images]
         self.difference = verify_onnx(self.path, module.net, images, self.tolerance)
         embed_reference(self.path, datamodule.val_images.cpu().numpy(), self.reference_sample)

@@ -16,7 +16,9 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from mlflow import MlflowClient
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 
 from cifarlab.registry import ONNX_SHA256_TAG
 from cifarlab.runtime import file_sha256
@@ -137,6 +139,21 @@ def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str 
     return None if version is None else str(version)
 
 
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of the experiment `name`, created if missing (Lightning would create it too, with a warning that a
+    first run in a new store has nothing wrong with)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "active":
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # a sweep's parallel job created it first, or it was deleted (MLflow's error says so)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None or experiment.lifecycle_stage != "active":
+            raise
+        return experiment.experiment_id
+
+
 class RegisteringMLFlowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger, plus the registered-model name the run's ONNX export is registered under."""
 
@@ -161,6 +178,8 @@ def mlflow_logger(
         database = Path(tracking_uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "artifacts").resolve().as_uri()
+    if run_id is None:
+        ensure_experiment(MlflowClient(tracking_uri), experiment_name, artifact_location)
     return RegisteringMLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifarlab import tracking
 from cifarlab.callbacks.onnx_export import OnnxExport
+from cifarlab.console import EpochLog, quiet_console
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
 from cifarlab.metrics import confusion_figure
@@ -33,6 +34,7 @@ MLFLOW_LOGGER_TARGET = "cifarlab.tracking.mlflow_logger"
 def train(cfg: DictConfig) -> float | None:
     """Train, test and export one model; return the value of `cfg.optimized_metric` for sweepers."""
     check_accelerator(cfg.trainer.accelerator)
+    quiet_console()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = _existing_checkpoint(cfg.get("ckpt_path"))
@@ -51,7 +53,7 @@ def train(cfg: DictConfig) -> float | None:
     model: L.LightningModule = instantiate(
         cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
     )
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks = [EpochLog(), *(instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[logger] if logger else False)
 
     mlflow = tracking.find_mlflow_logger(trainer.loggers)
@@ -65,7 +67,7 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
     if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)  # _report_test says it
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
         if trainer.is_global_zero:
             _report_test(run_dir, model, len(datamodule.load().test.labels), mlflow)
@@ -160,7 +162,14 @@ def _report_test(run_dir: Path, model: Any, split_size: int, mlflow: Any) -> Non
     images = int(report["images"])
     coverage = f"all {images:,}" if images == split_size else f"a subset, {images:,} of the {split_size:,}"
     where = run_dir / "test_metrics.json"
-    log.info("Test accuracy %.2f%% on %s test images (%s)", 100 * report["acc"], coverage, where)
+    log.info(
+        "Test accuracy %.2f%%, macro F1 %.4f, loss %.4f on %s test images (%s)",
+        100 * report["acc"],
+        report["f1_macro"],
+        report["loss"],
+        coverage,
+        where,
+    )
     if mlflow is not None:
         mlflow.experiment.set_tag(mlflow.run_id, "test.images", f"{coverage} test images")
 

@@ -67,3 +67,10 @@ def test_one_readable_line_per_epoch_and_the_config_tree(console):
     assert "task_name: train" in console and "  max_epochs: 2" in console  # the composed config, printed at start
     assert any("Test accuracy" in line and "a subset, 256 of the 1,000 test images" in line for line in console)
     assert not any("\r" in line or "━" in line for line in console)  # no progress bar redraws in a file
+
+
+def test_the_default_run_exports_once_at_fit_end_from_the_best_checkpoint(console):
+    exports = [line for line in console if "Exported " in line]
+    assert len(exports) == 1 and "checkpoints/best.ckpt in " in exports[0], "\n".join(console)
+    fit_end = next(i for i, line in enumerate(console) if "`Trainer.fit` stopped" in line)
+    assert console.index(exports[0]) > fit_end

@@ -1,4 +1,4 @@
-# Every target creates the virtual environment first if it is missing (or older than pyproject.toml).
+# Every target creates the virtual environment first if it is missing (or older than pyproject.toml or the lock).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,13 +7,12 @@ ARGS ?=
 
 .PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke bench-serve bench-overhead quantize mlflow-server promote
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and exactly pinned: it takes the local CPU wheel instead of the CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev,pipeline]"
-	touch $(STAMP)
+# Exactly the hash-pinned requirements/train.txt (uv pip sync), torch's CPU build, then this repository; refuses a lock
+# older than pyproject.toml's dependencies; a set-up cut short is finished by the next run (scripts/setup_venv.py).
+SETUP_VENV = $(PYTHON) scripts/setup_venv.py --venv $(VENV) --torch-index $(TORCH_INDEX) \
+	$(if $(TORCH_FIND_LINKS),--torch-find-links $(TORCH_FIND_LINKS))
+$(STAMP): pyproject.toml requirements/train.txt
+	@$(SETUP_VENV)
 
 venv: $(STAMP)
 
@@ -149,17 +148,14 @@ mps-train: venv  ## a few training steps with accelerator=auto, as `make train` 
 		expected="GPU available: True (mps), used: True"; else expected="GPU available: False, used: False"; fi; \
 	grep -F "$$expected" $(MPS_LOG) || { echo "error: $(MPS_LOG) lacks \"$$expected\"" >&2; exit 1; }
 
-lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
+lock:  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
+	@$(SETUP_VENV) --uv-only
 	$(LOCK) --extra serve --output-file requirements/serve.txt
 	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
+	$(PYTHON) scripts/setup_venv.py --record-digest requirements/serve.txt requirements/train.txt
 
-install-locked:  ## build .venv from the lock files alone (CI): torch's CPU build, then every locked hash
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0 --extra-index-url $(TORCH_INDEX)
-	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/train.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
-	touch $(STAMP)
+install-locked:  ## (CI's name for make venv, which installs from the lock alone) rebuild .venv from the lock now
+	@$(SETUP_VENV)
 
 precommit: venv  ## every pre-commit hook on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URI = f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
-METRICS = ("val/acc_best", "test/acc", "test/f1_macro", "test/loss")
+METRICS = ("val/acc_best", "test/acc", "test/f1_macro", "test/loss", "time/train_seconds")
 ALWAYS_SHOWN = ("model.net._target_",)
 MAX_VALUE_WIDTH = 40
 
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow import MlflowClient
 
+    from cifarlab.mlflow_ui import compare_url
+
     client = MlflowClient(tracking_uri=args.tracking_uri)
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     print(format_table(*comparison_rows(runs)))
+    run_ids = [run.info.run_id for run in runs]
+    print(f"\nIn the MLflow UI: {compare_url(args.tracking_uri, experiment.experiment_id, run_ids)}")
     return 0
 
 

@@ -64,7 +64,11 @@ def quiet_console() -> None:
 
 class EpochLog(Callback):
     """One line per epoch, the same on a terminal and in a file (no progress bar redraws):
-    `epoch  3/20  train loss 1.2345 acc 55.1%  val acc 60.2%  6.1 s`."""
+    `epoch  3/20  train loss 1.2345 acc 55.1%  val acc 60.2%  6.1 s`. Keeps the training phase's wall and CPU
+    seconds (`train_seconds`, `train_cpu_seconds`) for the run's record."""
+
+    train_seconds: float | None = None
+    train_cpu_seconds: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -80,6 +84,7 @@ class EpochLog(Callback):
                 trainer.max_epochs,
                 trainer.num_training_batches,
             )
+        self._fit_start = time.perf_counter(), time.process_time()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -96,3 +101,15 @@ class EpochLog(Callback):
             parts.append(f"val acc {100 * float(metrics['val/acc']):.1f}%")
         parts.append(f"{time.perf_counter() - self._start:.1f} s")
         log.info("  ".join(parts))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.train_seconds = time.perf_counter() - self._fit_start[0]
+            # CPU seconds of every thread of this process: what a busy machine stretches least
+            self.train_cpu_seconds = time.process_time() - self._fit_start[1]
+            log.info(
+                "Trained %d epochs in %.1f s (%.0f CPU s)",
+                trainer.current_epoch,
+                self.train_seconds,
+                self.train_cpu_seconds,
+            )

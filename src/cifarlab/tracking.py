@@ -4,6 +4,7 @@ The MLflow side goes through the Lightning MLFlowLogger's client for params, tag
 the fluent API (attached to the same run) only to log the ONNX model, which has no client-level call.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -20,10 +21,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 
+from cifarlab.data.prepare import PreparedDataset
+from cifarlab.errors import ConfigError
 from cifarlab.registry import ONNX_SHA256_TAG
 from cifarlab.runtime import file_sha256
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
+MAX_DIGEST_LENGTH = 32  # of a dataset input's digest: MLflow takes at most 36 characters, a sha256 has 64
+# Marks an experiment as model training, so that MLflow's UI opens it on its runs, not on the GenAI overview of traces
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
 CHAMPION_ALIAS = "champion"  # the registered model version production serves
 CHALLENGER_ALIAS = "challenger"  # the version being tried against it (every training run registers one)
@@ -141,17 +147,39 @@ def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """The id of the experiment `name`, created if missing (Lightning would create it too, with a warning that a
-    first run in a new store has nothing wrong with)."""
+    first run in a new store has nothing wrong with), and marked as a model-training experiment."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None and experiment.lifecycle_stage == "active":
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # a sweep's parallel job created it first, or it was deleted (MLflow's error says so)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        # fails when a sweep's parallel job created it first, or when it is deleted (checked below)
+        with contextlib.suppress(MlflowException):
+            client.create_experiment(name, artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         experiment = client.get_experiment_by_name(name)
         if experiment is None or experiment.lifecycle_stage != "active":
-            raise
-        return experiment.experiment_id
+            raise ConfigError(f"the MLflow experiment {name!r} is deleted: restore it, or set logger.experiment_name")
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made by an older version, or by hand
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def log_dataset(logger: MLFlowLogger, dataset: PreparedDataset) -> None:
+    """The run's data as an MLflow dataset input, shown in the runs table's Dataset column: the prepared copy's name,
+    its manifest's sha256 (cut to MLflow's digest length) and where it was prepared from."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = resolve_dataset_source(dataset.manifest["source_resolved"])
+    # MetaDataset's profile is abstract in MLflow's stubs only: the class is meant to be used as it is
+    meta = MetaDataset(source, name=dataset.root.name, digest=dataset.manifest_sha256[:MAX_DIGEST_LENGTH])  # type: ignore[abstract]
+    context = InputTag(key="mlflow.data.context", value="train")
+    logger.experiment.log_inputs(logger.run_id, datasets=[DatasetInput(meta._to_mlflow_entity(), tags=[context])])
+
+
+def log_train_time(logger: MLFlowLogger, seconds: float, cpu_seconds: float | None) -> None:
+    """The training phase's duration as metrics, so that a comparison of runs shows time beside accuracy."""
+    logger.experiment.log_metric(logger.run_id, "time/train_seconds", seconds)
+    if cpu_seconds is not None:
+        logger.experiment.log_metric(logger.run_id, "time/train_cpu_seconds", cpu_seconds)
 
 
 class RegisteringMLFlowLogger(MLFlowLogger):

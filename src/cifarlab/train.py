@@ -22,6 +22,7 @@ from cifarlab.console import EpochLog, quiet_console
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
 from cifarlab.metrics import confusion_figure
+from cifarlab.mlflow_ui import runs_url
 from cifarlab.publish import publish_model
 from cifarlab.runtime import check_accelerator, write_atomic
 
@@ -53,16 +54,20 @@ def train(cfg: DictConfig) -> float | None:
     model: L.LightningModule = instantiate(
         cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
     )
-    callbacks = [EpochLog(), *(instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None)]
+    epoch_log = EpochLog()
+    callbacks = [epoch_log, *(instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[logger] if logger else False)
 
     mlflow = tracking.find_mlflow_logger(trainer.loggers)
     if mlflow is not None and _rank() == 0:
         params = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: str keys
         tracking.log_run_start(mlflow, params, _run_tags(cfg, datamodule))
+        tracking.log_dataset(mlflow, datamodule.load())
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if mlflow is not None and trainer.is_global_zero and epoch_log.train_seconds is not None:
+        tracking.log_train_time(mlflow, epoch_log.train_seconds, epoch_log.train_cpu_seconds)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
@@ -77,6 +82,7 @@ def train(cfg: DictConfig) -> float | None:
     version = None
     if mlflow is not None and trainer.is_global_zero:
         version = tracking.log_run_end(mlflow, run_dir, onnx, best or None)
+        log.info("Runs in MLflow: %s", runs_url(mlflow._tracking_uri, mlflow.experiment_id or ""))
     if cfg.get("publish_dir") and trainer.is_global_zero:
         _publish(cfg, best, onnx, model, version)
     return _optimized_metric(cfg, metrics)

@@ -1,4 +1,5 @@
-# The inference service (serve/): FastAPI + ONNX Runtime on Debian's Python 3.11, no torch, no training code.
+# The inference service (serve/, and the contract it shares with training, src/cifarlab_contract/): FastAPI + ONNX
+# Runtime on Debian's Python 3.11, no torch, no training code.
 #   make docker-build        (downloads the locked wheels into build/wheels, then docker build -t cifarlab-serve .)
 #   docker run -p 8000:8000 -v "$PWD/runs/<run id>/model.onnx:/models/model.onnx:ro" cifarlab-serve
 # Feedback (POST /v1/feedback) needs a volume: -e FEEDBACK_DIR=/data/feedback -v cifarlab-feedback:/data/feedback
@@ -39,6 +40,7 @@ FROM python AS runtime
 RUN useradd --system --no-log-init --uid 10001 --no-create-home --shell /usr/sbin/nologin serve \
     && mkdir -p /data/feedback && chown 10001 /data/feedback
 COPY --from=build /opt/venv /opt/venv
+COPY src/cifarlab_contract/ /app/cifarlab_contract/
 COPY serve/ /app/serve/
 WORKDIR /app
 # uvicorn reads UVICORN_HOST and UVICORN_PORT, so `docker run --network host -e UVICORN_PORT=...` picks the port.

@@ -1,11 +1,13 @@
-# Every target creates the virtual environment first if it is missing (or older than pyproject.toml or the lock).
+# cifarlab's commands: `make help` lists them. Every target creates the virtual environment first if it is missing
+# (or older than pyproject.toml or the lock).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv train test pytest test-shuffled lint format mlflow-ui compare clean serve docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke bench-serve bench-overhead quantize mlflow-server promote
+##@ Environment and tests
+.PHONY: venv help test pytest test-fast test-shuffled lint format typecheck precommit system-deps clean
 
 # Exactly the hash-pinned requirements/train.txt (uv pip sync), torch's CPU build, then this repository; refuses a lock
 # older than pyproject.toml's dependencies; a set-up cut short is finished by the next run (scripts/setup_venv.py).
@@ -14,15 +16,19 @@ SETUP_VENV = $(PYTHON) scripts/setup_venv.py --venv $(VENV) --torch-index $(TORC
 $(STAMP): pyproject.toml requirements/train.txt
 	@$(SETUP_VENV)
 
-venv: $(STAMP)
+venv: $(STAMP)  ## the virtual environment .venv, with the train, serve, dev and pipeline extras
 
-train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
-	$(BIN)/python train.py $(ARGS)
+help:  ## this list: every target, by section, with what it does
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} \
+		/^[a-zA-Z0-9_-]+:.*## / {gsub(/\$$\$$/, "$$", $$2); printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 test: system-deps lint typecheck pytest  ## system packages if missing, lint, type check, then the test suite (.ci/run)
 
 pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
 	$(BIN)/python -m pytest -n auto $(ARGS)
+
+test-fast: venv  ## the unit tier: no real server (MLflow, GCS, Prometheus, Docker), no DDP, no trained model
+	$(BIN)/python -m pytest -n auto -m "not integration and not slow" $(ARGS)
 
 # Serial by default, so that a seed reproduces the order exactly (ARGS="-n auto" spreads it over the cores).
 # The RNGs are not reseeded before each test: a test sees the random state a normal run gives it, in a new order.
@@ -30,13 +36,46 @@ SEED ?=
 test-shuffled: venv  ## the suite in a random order, printed as its seed: make test-shuffled SEED=1234 ARGS="tests/serve"
 	$(BIN)/python -m pytest -n 0 -p randomly $(if $(SEED),--randomly-seed=$(SEED)) --randomly-dont-reset-seed $(ARGS)
 
-lint: venv
+lint: venv  ## ruff: lint and formatting check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: venv
+format: venv  ## ruff: fix what it can, then format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# mypy: the training package, the contract, the lifecycle and the service (settings in pyproject.toml)
+TYPECHECK_PATHS := src/cifarlab src/cifarlab_contract src/cifarlab_lifecycle serve
+
+typecheck: venv  ## mypy on the packages (configured in pyproject.toml)
+	$(BIN)/mypy $(TYPECHECK_PATHS)
+
+precommit: venv  ## every pre-commit hook on every file
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
+
+system-deps:  ## the system packages the tests need (requirements/system-packages), installed when missing
+	@scripts/system_deps.sh
+
+clean:  ## remove runs/, logs/ and the pytest cache
+	rm -rf runs logs .pytest_cache
+
+##@ Training and tracking
+.PHONY: train mps-train smoke mlflow-ui mlflow-server compare quantize
+
+train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
+	$(BIN)/python train.py $(ARGS)
+
+# CI's macOS job: Lightning's "GPU available" line must say MPS was used exactly where torch has it.
+MPS_LOG := build/mps-train.log
+mps-train: venv  ## a few training steps with accelerator=auto, as `make train` runs on a Mac; checks the device used
+	mkdir -p build
+	$(BIN)/python train.py trainer.accelerator=auto debug=limit logger=csv >$(MPS_LOG) 2>&1 || { cat $(MPS_LOG); exit 1; }
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.backends.mps.is_available())"; then \
+		expected="GPU available: True (mps), used: True"; else expected="GPU available: False, used: False"; fi; \
+	grep -F "$$expected" $(MPS_LOG) || { echo "error: $(MPS_LOG) lacks \"$$expected\"" >&2; exit 1; }
+
+smoke: venv  ## train a tiny model on the committed sample, export it, serve it, predict one image over HTTP
+	PATH="$(abspath $(BIN)):$$PATH" scripts/smoke.sh
 
 mlflow-ui: venv  ## browse the local tracking store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
@@ -46,13 +85,33 @@ mlflow-server: venv  ## tracking server + model registry on the same store: expo
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --artifacts-destination $(CURDIR)/mlruns/artifacts \
 		--host 127.0.0.1 --port 5000
 
-promote: venv  ## challenger vs champion on the test set; moves champion if better: make promote ARGS="margin=0.005"
-	$(BIN)/python scripts/promote.py $(ARGS)
-
 compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="--sweep <id>"
 	$(BIN)/python scripts/compare_runs.py $(ARGS)
 
-# --- inference service (serve/) ---
+quantize: venv  ## static INT8 copy of an export, kept if it holds its test accuracy: make quantize ARGS="--model runs/<id>/model.onnx"
+	$(BIN)/python scripts/quantize.py $(ARGS)
+
+##@ Model lifecycle: registry, A/B, retraining
+.PHONY: promote ab-report retrain feedback-pull
+
+promote: venv  ## challenger vs champion on the test set; moves champion if better: make promote ARGS="margin=0.005"
+	$(BIN)/python scripts/promote.py $(ARGS)
+
+ab-report: venv  ## challenger vs champion on the served feedback: make ab-report ARGS="--feedback $$FEEDBACK_DIR"
+	$(BIN)/python scripts/ab_report.py $(ARGS)
+
+retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
+	$(BIN)/python scripts/retrain.py $(ARGS)
+
+# The service's feedback store, copied (by its deployment) to a bucket: FEEDBACK_URI=gs://<bucket>/<path>
+FEEDBACK_URI ?=
+feedback-pull: venv  ## download the feedback store at $$FEEDBACK_URI into $$FEEDBACK_DIR (GCS credentials as for DVC)
+	@test -n "$(FEEDBACK_URI)" -a -n "$(FEEDBACK_DIR)" || { echo "error: set FEEDBACK_URI (gs://...) and FEEDBACK_DIR" >&2; exit 1; }
+	$(BIN)/dvc get-url --force "$(FEEDBACK_URI)" "$(FEEDBACK_DIR)"
+
+##@ Serving
+.PHONY: serve bench-serve bench-overhead
+
 # The newest exported model unless MODEL_URI is set (a path, or models:/<name>@<alias> with MLflow installed).
 MODEL_URI ?= $(shell ls -t runs/*/model.onnx 2>/dev/null | head -n 1)
 SERVE_IMAGE ?= cifarlab-serve
@@ -62,7 +121,62 @@ serve: venv  ## the API on http://127.0.0.1:8000 (docs at /docs); uvicorn option
 	$(if $(strip $(MODEL_URI)$(VARIANTS)),,@$(NO_MODEL))
 	MODEL_URI="$(MODEL_URI)" $(BIN)/uvicorn serve.app:create_app --factory --host 127.0.0.1 --port 8000 --no-access-log $(ARGS)
 
-# --- serving image (docs/delivery.md); the engine and the base image come from scripts/docker_engine.sh ---
+bench-serve: venv  ## serving benchmark: serve/ vs a PyTorch-eager baseline and a bare floor; JSON + Markdown
+	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
+
+bench-overhead: venv  ## CPU time per request besides the model, each server, in-process; writes JSON + Markdown
+	$(BIN)/python -m benchmarks.serving.overhead $(ARGS)
+
+##@ Monitoring
+.PHONY: drift-eval dashboards prometheus
+
+drift-eval: venv  ## drift flag rates on clean and corrupted test images: make drift-eval ARGS="--quick"
+	$(BIN)/python scripts/drift_eval.py $(ARGS)
+
+dashboards: venv  ## regenerate monitoring/grafana/dashboards/*.json from build_dashboards.py
+	$(BIN)/python monitoring/grafana/build_dashboards.py
+
+SERVE_ADDR ?= 127.0.0.1:8000
+prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project's rules, scraping $(SERVE_ADDR) (no Docker)
+	sed 's/serve:8000/$(SERVE_ADDR)/' monitoring/prometheus/prometheus.yml > monitoring/prometheus/local.yml
+	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
+		--web.listen-address=127.0.0.1:9090
+
+##@ Pipeline (DVC)
+.PHONY: dvc-pull dvc-push dvc-lock
+
+DVC_TARGETS ?=
+
+dvc-pull: venv  ## fetch DVC-tracked data and models from the remote (all, or DVC_TARGETS="train")
+	$(BIN)/dvc pull $(DVC_TARGETS)
+
+dvc-push: venv  ## store new DVC-tracked outputs on the remote
+	$(BIN)/dvc push $(DVC_TARGETS)
+
+dvc-lock: venv  ## regenerate dvc.lock and reports/ by a real dvc repro on the committed sample (docs/pipeline-lock.md)
+	PATH="$(abspath $(BIN)):$$PATH" scripts/dvc_lock.sh
+
+##@ Delivery: lock files, the serving image, the release
+.PHONY: lock install-locked docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke release-model docker-publish
+
+# The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
+# CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FIND_LINKS ?= $(PIP_FIND_LINKS)
+LOCK = $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 --quiet \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	$(if $(TORCH_FIND_LINKS),--no-sources --find-links $(TORCH_FIND_LINKS))
+
+lock:  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: docs/delivery.md)
+	@$(SETUP_VENV) --uv-only
+	$(LOCK) --extra serve --output-file requirements/serve.txt
+	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
+	$(PYTHON) scripts/setup_venv.py --record-digest requirements/serve.txt requirements/train.txt
+
+install-locked:  ## (CI's name for make venv, which installs from the lock alone) rebuild .venv from the lock now
+	@$(SETUP_VENV)
+
+# The serving image (docs/delivery.md); the engine and the base image come from scripts/docker_engine.sh.
 BASE_IMAGE ?= debian:bookworm-slim
 BAKED_IMAGE ?= $(SERVE_IMAGE):baked
 DOCKER_ENGINE := scripts/docker_engine.sh
@@ -108,75 +222,10 @@ docker-smoke: docker-build  ## $(SERVE_IMAGE) as its own user on MODEL_URI (newe
 		|| { docker logs cifarlab-serve-smoke; docker stop cifarlab-serve-smoke >/dev/null; exit 1; }; \
 	docker stop cifarlab-serve-smoke >/dev/null
 
-bench-serve: venv  ## serving benchmark: serve/ vs a PyTorch-eager baseline and a bare floor; JSON + Markdown
-	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
-
-bench-overhead: venv  ## CPU time per request besides the model, each server, in-process; writes JSON + Markdown
-	$(BIN)/python -m benchmarks.serving.overhead $(ARGS)
-
-quantize: venv  ## static INT8 copy of an export, kept if it holds its test accuracy: make quantize ARGS="--model runs/<id>/model.onnx"
-	$(BIN)/python scripts/quantize.py $(ARGS)
-
-clean:
-	rm -rf runs logs .pytest_cache
-
-# --- delivery (issue 6): type checks, smoke pipeline, lock files, pre-commit, system packages, release image ---
-.PHONY: typecheck smoke mps-train lock install-locked precommit system-deps dvc-pull dvc-push dvc-lock release-model docker-publish
-
-# mypy checks the package, and the inference service once it exists
-TYPECHECK_PATHS := src/cifarlab $(wildcard serve)
-# The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
-# CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH_FIND_LINKS ?= $(PIP_FIND_LINKS)
-LOCK = $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 --quiet \
-	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
-	$(if $(TORCH_FIND_LINKS),--no-sources --find-links $(TORCH_FIND_LINKS))
-
-typecheck: venv  ## mypy on the package (configured in pyproject.toml)
-	$(BIN)/mypy $(TYPECHECK_PATHS)
-
-smoke: venv  ## train a tiny model on the committed sample, export it, serve it, predict one image over HTTP
-	PATH="$(abspath $(BIN)):$$PATH" scripts/smoke.sh
-
-# CI's macOS job: Lightning's "GPU available" line must say MPS was used exactly where torch has it.
-MPS_LOG := build/mps-train.log
-mps-train: venv  ## a few training steps with accelerator=auto, as `make train` runs on a Mac; checks the device used
-	mkdir -p build
-	$(BIN)/python train.py trainer.accelerator=auto debug=limit logger=csv >$(MPS_LOG) 2>&1 || { cat $(MPS_LOG); exit 1; }
-	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.backends.mps.is_available())"; then \
-		expected="GPU available: True (mps), used: True"; else expected="GPU available: False, used: False"; fi; \
-	grep -F "$$expected" $(MPS_LOG) || { echo "error: $(MPS_LOG) lacks \"$$expected\"" >&2; exit 1; }
-
-lock:  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: README "Delivery")
-	@$(SETUP_VENV) --uv-only
-	$(LOCK) --extra serve --output-file requirements/serve.txt
-	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
-	$(PYTHON) scripts/setup_venv.py --record-digest requirements/serve.txt requirements/train.txt
-
-install-locked:  ## (CI's name for make venv, which installs from the lock alone) rebuild .venv from the lock now
-	@$(SETUP_VENV)
-
-precommit: venv  ## every pre-commit hook on every file
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
-
-system-deps:  ## the system packages the tests need (requirements/system-packages), installed when missing
-	@scripts/system_deps.sh
-
-DVC_TARGETS ?=
 # where the train stage leaves its ONNX export (dvc.yaml); the release image is pushed as RELEASE_IMAGE
 RELEASE_MODEL ?= models/model.onnx
 RELEASE_IMAGE ?= cifarlab-serve
 RELEASE_VERSION ?=
-
-dvc-pull: venv  ## fetch DVC-tracked data and models from the remote (all, or DVC_TARGETS="train")
-	$(BIN)/dvc pull $(DVC_TARGETS)
-
-dvc-push: venv  ## store new DVC-tracked outputs on the remote
-	$(BIN)/dvc push $(DVC_TARGETS)
-
-dvc-lock: venv  ## regenerate dvc.lock and reports/ by a real dvc repro on the committed sample (docs/pipeline-lock.md)
-	PATH="$(abspath $(BIN)):$$PATH" scripts/dvc_lock.sh
 
 release-model:  ## stage the pulled model as the only file of the release image's build context
 	rm -rf build/release-model && mkdir -p build/release-model
@@ -184,36 +233,3 @@ release-model:  ## stage the pulled model as the only file of the release image'
 
 docker-publish: docker-base docker-wheels  ## push $(RELEASE_IMAGE):sha-<commit> (and :$(RELEASE_VERSION)); buildx adds provenance, SBOM
 	BUILD_NETWORK="$(BUILD_NETWORK)" SERVE_IMAGE=$(SERVE_IMAGE) scripts/publish_image.sh $(RELEASE_IMAGE) $(RELEASE_VERSION)
-
-# ---------------------------------------------------------------------------------------------- monitoring
-.PHONY: drift-eval dashboards prometheus
-
-drift-eval: venv  ## drift flag rates on clean and corrupted test images: make drift-eval ARGS="--quick"
-	$(BIN)/python scripts/drift_eval.py $(ARGS)
-
-dashboards: venv  ## regenerate monitoring/grafana/dashboards/*.json from build_dashboards.py
-	$(BIN)/python monitoring/grafana/build_dashboards.py
-
-SERVE_ADDR ?= 127.0.0.1:8000
-prometheus: system-deps  ## Prometheus at http://127.0.0.1:9090 with the project's rules, scraping $(SERVE_ADDR) (no Docker)
-	sed 's/serve:8000/$(SERVE_ADDR)/' monitoring/prometheus/prometheus.yml > monitoring/prometheus/local.yml
-	prometheus --config.file=monitoring/prometheus/local.yml --storage.tsdb.path=.prometheus \
-		--web.listen-address=127.0.0.1:9090
-
-# ----------------------------------------------------------------------------------------------- A/B report
-.PHONY: ab-report
-
-ab-report: venv  ## challenger vs champion on the served feedback: make ab-report ARGS="--feedback $$FEEDBACK_DIR"
-	$(BIN)/python scripts/ab_report.py $(ARGS)
-
-# ---------------------------------------------------------------------------------------------- retraining
-.PHONY: retrain feedback-pull
-
-retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
-	$(BIN)/python scripts/retrain.py $(ARGS)
-
-# The service's feedback store, copied (by its deployment) to a bucket: FEEDBACK_URI=gs://<bucket>/<path>
-FEEDBACK_URI ?=
-feedback-pull: venv  ## download the feedback store at $$FEEDBACK_URI into $$FEEDBACK_DIR (GCS credentials as for DVC)
-	@test -n "$(FEEDBACK_URI)" -a -n "$(FEEDBACK_DIR)" || { echo "error: set FEEDBACK_URI (gs://...) and FEEDBACK_DIR" >&2; exit 1; }
-	$(BIN)/dvc get-url --force "$(FEEDBACK_URI)" "$(FEEDBACK_DIR)"

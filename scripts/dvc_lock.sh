@@ -19,7 +19,7 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
     if [ -f "$file" ]; then cp --parents -p "$file" "$copy/"; fi  # a tracked file deleted here stays out
 done
 git -C "$copy" init -q
-# the sample as the raw source, exactly how tests/pipeline/conftest.py sets up its pipeline; no feedback yet
+# the sample as the raw source, exactly how tests/servers.py sets up its pipeline; no feedback yet
 cp "$sample" "$copy/data/raw/cifar10.tar.gz"
 mkdir -p "$copy/data/feedback"
 rm -f "$copy/dvc.lock"  # a full repro, not one that trusts the previous lock

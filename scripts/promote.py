@@ -1,7 +1,7 @@
 """Promote the registry's challenger to champion if it beats it: `python scripts/promote.py [margin=0.01]`.
 
 Both versions are evaluated on the same test data (configs/promote.yaml composes eval.yaml); the decision is
-printed and recorded as tags on the challenger version. See cifarlab.registry.
+printed and recorded as tags on the challenger version. See cifarlab_lifecycle.promotion.
 """
 
 import os
@@ -12,8 +12,8 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent.parent
 import hydra
 from omegaconf import DictConfig
 
-from cifarlab.registry import promote
 from cifarlab.runtime import user_errors_exit
+from cifarlab_lifecycle.promotion import promote
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="promote")

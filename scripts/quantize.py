@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 
 from cifarlab.data.prepare import SOURCE_ENV_VAR, ensure_prepared
-from cifarlab.errors import UserError
 from cifarlab.export.onnx import read_metadata
 from cifarlab.export.quantize import MAX_ACCURACY_LOSS, onnx_accuracy, quantize_int8
-from cifarlab.runtime import atomic_destination, user_errors_exit
+from cifarlab.runtime import user_errors_exit
+from cifarlab_contract.errors import UserError
+from cifarlab_contract.files import atomic_destination
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"

@@ -2,7 +2,7 @@
 
 Merges the feedback into data/feedback (DVC-tracked), reruns the pipeline (dvc repro), and registers the new model
 as `challenger` only if it scores no worse than the `champion` on the same held-out test set; the summary goes to
-reports/retrain.json. configs/retrain.yaml holds the settings; cifarlab.retrain the steps.
+reports/retrain.json. configs/retrain.yaml holds the settings; cifarlab_lifecycle.retrain the steps.
 """
 
 import os
@@ -13,8 +13,8 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent.parent
 import hydra
 from omegaconf import DictConfig
 
-from cifarlab.retrain import retrain
 from cifarlab.runtime import user_errors_exit
+from cifarlab_lifecycle.retrain import retrain
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="retrain")

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from serve.auth import API_KEY_HEADER, check_api_key
-from serve.errors import ApiError, ErrorBody, describe_validation, error_body
+from serve.errors import DOMAIN_ERRORS, ApiError, ErrorBody, as_api_error, describe_validation, error_body
 from serve.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestContextMiddleware, request_id_of
 from serve.predict import DirectRoute, PredictHandler, TopK
 from serve.preprocess import limit_pillow
@@ -91,7 +91,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         check_api_key(key, settings.api_key.get_secret_value())
 
     # FastAPI documents /v1/predict from this signature and the route's arguments; PredictHandler serves it
-    # (serve/predict.py says why).
+    # (serve/predict.py says why) and enforces each of them: tests/serve/test_predict_route.py fails on one it does not.
     async def predict(top_k: TopK = None) -> PredictResponse:
         """Images as multipart files (field `files`, repeated) or as JSON `{"images": [<base64>, ...]}`.
         Images that are not 32x32 are resized with Pillow's bilinear filter. With several variants, the client
@@ -218,6 +218,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return respond(request, error.status, error.code, error.message)
+
+    async def domain_error(request: Request, error: Exception) -> JSONResponse:
+        refusal = as_api_error(error)
+        return respond(request, refusal.status, refusal.code, refusal.message)
+
+    for kind in DOMAIN_ERRORS:
+        app.add_exception_handler(kind, domain_error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -23,8 +23,6 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from serve.errors import ApiError
-
 T = TypeVar("T")
 # images [N, ...] -> (outputs [N, ...], a tag for the caller, e.g. the model that computed them)
 Infer = Callable[[np.ndarray], tuple[np.ndarray, T]]
@@ -35,6 +33,10 @@ _STOP = None  # queued by stop(): the worker finishes what was queued before it,
 
 class BatchFailed(Exception):
     """The model call for a batch raised; every request in that batch gets this error."""
+
+
+class ShuttingDown(Exception):
+    """The batcher has stopped taking work, or stopped before a queued request ran."""
 
 
 @dataclass
@@ -85,9 +87,10 @@ class MicroBatcher(Generic[T]):
             self._arriving -= 1
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, T]:
-        """Outputs for `images` and the tag of the call that computed them; BatchFailed if that call raised."""
+        """Outputs for `images` and the tag of the call that computed them; BatchFailed if that call raised,
+        ShuttingDown once the batcher is stopping."""
         if self._closed:
-            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         future: asyncio.Future[tuple[np.ndarray, T]] = asyncio.get_running_loop().create_future()
         self._queue.put(_Item(images, future))
         return await future
@@ -101,7 +104,7 @@ class MicroBatcher(Generic[T]):
         try:
             await asyncio.wait_for(asyncio.shield(self._finished), timeout)
         except TimeoutError:
-            self._fail_queued(ApiError(503, "shutting_down", "the server stopped before this request ran"))
+            self._fail_queued(ShuttingDown("the server stopped before this request ran"))
 
     def _work(self) -> None:
         """The worker thread: collect a batch, run it, hand the answers to the event loop; until the stop mark."""

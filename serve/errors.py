@@ -1,9 +1,15 @@
-"""The one error type handlers raise; the app turns it into a JSON body with the request id."""
+"""Errors at the edge of the API: ApiError, the refusal handlers raise, and the one table that maps the service's
+domain errors to HTTP statuses. The app answers both as a JSON body with the request id."""
 
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+
+from serve.batching import BatchFailed, ShuttingDown
+from serve.feedback import ConflictingFeedback, FeedbackError, UnknownRequest
+from serve.preprocess import EmptyImage, ImageTooLarge, InvalidImage
+from serve.service import FeedbackDisabled, NotReady, ReloadFailed, UnknownVariant, VariantRequired
 
 
 class ApiError(HTTPException):
@@ -18,6 +24,33 @@ class ApiError(HTTPException):
         self.status = status
         self.code = code
         self.message = message
+
+
+# domain error -> (HTTP status, error code). A subclass is looked up before its base (FeedbackError is the rest).
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    EmptyImage: (422, "empty_image"),
+    ImageTooLarge: (413, "image_too_large"),
+    InvalidImage: (422, "invalid_image"),
+    BatchFailed: (500, "inference_failed"),
+    ShuttingDown: (503, "shutting_down"),
+    NotReady: (503, "not_ready"),
+    UnknownVariant: (404, "unknown_variant"),
+    VariantRequired: (422, "variant_required"),
+    ReloadFailed: (422, "model_load_failed"),
+    FeedbackDisabled: (404, "feedback_disabled"),
+    UnknownRequest: (404, "unknown_request"),
+    ConflictingFeedback: (409, "conflicting_feedback"),
+    FeedbackError: (422, "invalid_feedback"),
+}
+
+
+def as_api_error(error: Exception) -> ApiError:
+    """The refusal a domain error maps to (DOMAIN_ERRORS, by its nearest class); KeyError for any other error."""
+    for kind in type(error).__mro__:
+        if kind in DOMAIN_ERRORS:
+            status, code = DOMAIN_ERRORS[kind]
+            return ApiError(status, code, str(error))
+    raise KeyError(f"{type(error).__name__} is not a domain error of the service")
 
 
 class ErrorDetail(BaseModel):

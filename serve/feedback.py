@@ -13,13 +13,11 @@ Errors map to HTTP statuses: UnknownRequest 404, InvalidFeedback 422, Conflictin
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,15 +25,16 @@ import numpy as np
 from PIL import Image
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-MANIFEST_FILE = "manifest.jsonl"
-# Request ids become file names: no separators, no leading dot (hidden files are skipped by data preparation).
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-INDEX_SEPARATOR = "~"  # not allowed in request ids: `<request id>~<index>` names one image unambiguously
-
-
-def feedback_key(request_id: str, image_index: int = 0) -> str:
-    """The id of one image of a request: cache key, record key and file name stem."""
-    return f"{request_id}{INDEX_SEPARATOR}{image_index}"
+from cifarlab_contract.feedback import (
+    INDEX_SEPARATOR,
+    MANIFEST_FILE,
+    REQUEST_ID_PATTERN,
+    FeedbackRecord,
+    feedback_key,
+    image_path,
+    read_manifest,
+)
+from cifarlab_contract.files import atomic_destination, fsync_directory
 
 
 class FeedbackError(Exception):
@@ -121,37 +120,6 @@ class RecentPredictions:
 
 
 @dataclass(frozen=True)
-class FeedbackRecord:
-    """One manifest line: the true label of an image, what the answering model said, and what shadows said."""
-
-    request_id: str
-    label: str
-    predicted: str
-    correct: bool
-    confidence: float
-    variant: str
-    version: str
-    path: str  # relative to the store's root
-    received_at: str
-    image_index: int = 0
-    shadows: dict[str, dict[str, str | bool]] = field(default_factory=dict)  # variant -> predicted, version, correct
-
-    @property
-    def key(self) -> str:
-        return feedback_key(self.request_id, self.image_index)
-
-    def to_line(self) -> str:
-        """The record as one manifest line (JSON, newline-terminated)."""
-        return json.dumps(asdict(self), sort_keys=True) + "\n"
-
-    def outcomes(self) -> Iterator[tuple[str, str, str]]:
-        """(variant, version, predicted) of the answering variant, then of each shadow."""
-        yield self.variant, self.version, self.predicted
-        for variant, shadow in sorted(self.shadows.items()):
-            yield variant, str(shadow["version"]), str(shadow["predicted"])
-
-
-@dataclass(frozen=True)
 class LiveMetrics:
     """Accuracy, precision and recall of one variant and version, from the feedback received so far."""
 
@@ -161,14 +129,6 @@ class LiveMetrics:
     accuracy: float
     precision: dict[str, float]  # per label the model predicted at least once
     recall: dict[str, float]  # per label that was the true label at least once
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class FeedbackStore:
@@ -210,7 +170,7 @@ class FeedbackStore:
                     )
                 return existing, False
             prediction = recent.get(key)
-            relative = f"{label}/{key}.png"
+            relative = image_path(label, key)
             self._write_image(self.root / relative, prediction.image)
             record = FeedbackRecord(
                 request_id=request_id,
@@ -273,14 +233,8 @@ class FeedbackStore:
         return counts
 
     def _write_image(self, path: Path, image: np.ndarray) -> None:
-        path.parent.mkdir(exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")  # hidden: data preparation never reads it
-        with open(temp, "wb") as handle:
-            Image.fromarray(image).save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_directory(path.parent)
+        with atomic_destination(path, durable=True) as temp:
+            Image.fromarray(image).save(temp, format="PNG")
 
     def _append(self, record: FeedbackRecord) -> None:
         line = record.to_line()
@@ -290,7 +244,7 @@ class FeedbackStore:
             handle.flush()
             os.fsync(handle.fileno())
         if created:
-            _fsync_directory(self.root)
+            fsync_directory(self.root)
 
     def _load(self) -> None:
         """Read the manifest; a torn last line (a crash mid-append, never acknowledged) is cut off."""
@@ -311,27 +265,6 @@ class FeedbackStore:
             matrix = self._confusion.setdefault((variant, version), np.zeros((size, size), dtype=np.int64))
             if predicted in self._index and record.label in self._index:
                 matrix[self._index[record.label], self._index[predicted]] += 1
-
-
-def read_manifest(path: Path) -> tuple[list[FeedbackRecord], int]:
-    """The records of a feedback manifest up to the first torn or malformed line, and that line's byte offset."""
-    data = path.read_bytes()
-    records, good_end = [], 0
-    for line in _lines(data):
-        try:
-            records.append(FeedbackRecord(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-            break
-        good_end += len(line)
-    return records, good_end
-
-
-def _lines(data: bytes) -> Iterator[bytes]:
-    """Complete lines, newline included; an unterminated tail is not a complete line."""
-    start = 0
-    while (end := data.find(b"\n", start)) != -1:
-        yield data[start : end + 1]
-        start = end + 1
 
 
 class FeedbackCollector:

@@ -10,8 +10,8 @@ from typing import Any
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cifarlab_contract.feedback import REQUEST_ID_PATTERN
 from serve.errors import ApiError, error_body
-from serve.feedback import REQUEST_ID_PATTERN
 from serve.model import ModelLoadError
 from serve.service import Service
 

@@ -1,6 +1,5 @@
 """An ONNX model under the model contract (docs/model-contract.md): where it comes from, its session, its metadata."""
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -10,12 +9,23 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from serve.drift import Reference, ReferenceError
+from cifarlab_contract.drift import InvalidReference, Reference
+from cifarlab_contract.files import file_sha256
+from cifarlab_contract.model import (
+    CONTRACT_VERSION_KEY,
+    DATA_MANIFEST_KEY,
+    IMAGE_SHAPE,
+    INPUT_DTYPE,
+    INPUT_NAME,
+    INPUT_SPEC_KEY,
+    OUTPUT_NAME,
+    OUTPUT_SPEC_KEY,
+    RUN_ID_KEY,
+    ContractError,
+    metadata_classes,
+)
 from serve.settings import Settings
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-IMAGE_SHAPE = (32, 32, 3)
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 
@@ -47,7 +57,7 @@ class LoadedModel:
 
     @property
     def run_id(self) -> str:
-        return self.metadata.get("run_id", "")
+        return self.metadata.get(RUN_ID_KEY, "")
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits float32 [N, classes] for uint8 images [N, 32, 32, 3]. Blocking: call it off the event loop."""
@@ -62,10 +72,10 @@ class LoadedModel:
             "uri": self.uri,
             "sha256": self.sha256,
             "classes": list(self.classes),
-            "input_spec": json.loads(self.metadata.get("input_spec", "{}")),
-            "output_spec": json.loads(self.metadata.get("output_spec", "{}")),
-            "contract_version": self.metadata.get("contract_version", ""),
-            "data_manifest_sha256": self.metadata.get("data_manifest_sha256", ""),
+            "input_spec": json.loads(self.metadata.get(INPUT_SPEC_KEY, "{}")),
+            "output_spec": json.loads(self.metadata.get(OUTPUT_SPEC_KEY, "{}")),
+            "contract_version": self.metadata.get(CONTRACT_VERSION_KEY, ""),
+            "data_manifest_sha256": self.metadata.get(DATA_MANIFEST_KEY, ""),
             "drift_reference": self.reference is not None,
             "loaded_at": self.loaded_at,
         }
@@ -75,7 +85,7 @@ def load_model(uri: str, settings: Settings) -> LoadedModel:
     """Resolve `uri`, open it in ONNX Runtime, check the contract and warm it up."""
     source = resolve(uri, settings)
     try:
-        data = source.path.read_bytes()
+        sha256 = file_sha256(source.path)
         # From the path, not the bytes: weights stored as external data (MLflow's ONNX flavour does that) are
         # found beside the file.
         session = ort.InferenceSession(str(source.path), session_options(settings), providers=["CPUExecutionProvider"])
@@ -85,9 +95,8 @@ def load_model(uri: str, settings: Settings) -> LoadedModel:
     classes = _check_contract(session, metadata, uri)
     try:
         reference = Reference.from_metadata(metadata, classes, where=uri)
-    except ReferenceError as error:
+    except InvalidReference as error:
         raise ModelLoadError(str(error)) from error
-    sha256 = hashlib.sha256(data).hexdigest()
     model = LoadedModel(
         session=session,
         uri=uri,
@@ -163,16 +172,16 @@ def _resolve_mlflow(uri: str) -> ModelSource:
 
 def _check_contract(session: ort.InferenceSession, metadata: dict[str, str], uri: str) -> tuple[str, ...]:
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)":
-        raise ModelLoadError(f"{uri} does not take one uint8 input named {INPUT_NAME!r} (docs/model-contract.md)")
+    if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != f"tensor({INPUT_DTYPE})":
+        raise ModelLoadError(
+            f"{uri} does not take one {INPUT_DTYPE} input named {INPUT_NAME!r} (docs/model-contract.md)"
+        )
     if list(inputs[0].shape[1:]) != list(IMAGE_SHAPE):
-        raise ModelLoadError(f"{uri} takes images of shape {inputs[0].shape}, the contract says [N, 32, 32, 3]")
+        shape = ", ".join(map(str, IMAGE_SHAPE))
+        raise ModelLoadError(f"{uri} takes images of shape {inputs[0].shape}, the contract says [N, {shape}]")
     if OUTPUT_NAME not in [o.name for o in outputs]:
         raise ModelLoadError(f"{uri} has no output named {OUTPUT_NAME!r}")
     try:
-        classes = json.loads(metadata["classes"])
-    except (KeyError, ValueError) as error:
-        raise ModelLoadError(f"{uri} has no valid 'classes' metadata: not exported under the model contract") from error
-    if not classes or not all(isinstance(c, str) for c in classes):
-        raise ModelLoadError(f"{uri} has an invalid 'classes' list: {classes!r}")
-    return tuple(classes)
+        return metadata_classes(metadata)
+    except ContractError as error:
+        raise ModelLoadError(f"{uri} has {error}") from error

@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.auth import API_KEY_HEADER, check_api_key
-from serve.batching import BatchFailed
 from serve.errors import ApiError, describe_validation
 from serve.middleware import request_id_of, send_json
 from serve.multipart import MultipartError, boundary_of, parts
@@ -48,7 +47,8 @@ class DirectRoute(APIRoute):
 
 
 class PredictHandler:
-    """Serves POST /v1/predict. Errors are raised as ApiError, which the app's handlers answer as JSON."""
+    """Serves POST /v1/predict. It refuses a request with ApiError; the service's own errors pass through. The app's
+    handlers answer both as JSON (serve.errors maps the latter to statuses)."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -67,10 +67,7 @@ class PredictHandler:
         with service.variants[variant].batcher.arriving():
             names, blobs = await _read_images(request, settings.max_images_per_request)
             images = await _decode(blobs, settings.max_image_pixels)
-        try:
-            answer = await service.predict(images, variant, request_id)
-        except BatchFailed as error:
-            raise ApiError(500, "inference_failed", str(error)) from error
+        answer = await service.predict(images, variant, request_id)
         predictions = _predictions(answer, names, top_k)
         model = answer.model
         request.state.log = {

@@ -1,5 +1,6 @@
 """The serving state: model variants (each with its model, micro-batcher and drift window), A/B routing, shadow
-copies, the feedback store, reloads, and start/stop."""
+copies, the feedback store, reloads, and start/stop. What it refuses it raises as its own errors (below, and
+serve.feedback's); serve.errors maps them to HTTP statuses."""
 
 import asyncio
 import contextlib
@@ -9,28 +10,39 @@ from typing import Any
 
 import numpy as np
 
-from serve.batching import BatchFailed, MicroBatcher
-from serve.drift import DriftCollector, DriftMonitor, empty_report, softmax
-from serve.errors import ApiError
-from serve.feedback import (
-    ConflictingFeedback,
-    FeedbackCollector,
-    FeedbackError,
-    FeedbackRecord,
-    FeedbackStore,
-    Prediction,
-    RecentPredictions,
-    UnknownRequest,
-    feedback_key,
-)
-from serve.logging import get_logger
-from serve.metrics import Metrics
+from cifarlab_contract.drift import softmax
+from cifarlab_contract.feedback import FeedbackRecord, feedback_key
+from serve.batching import BatchFailed, MicroBatcher, ShuttingDown
+from serve.drift import DriftCollector, DriftMonitor, empty_report
+from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
+from serve.json_logs import get_logger
 from serve.model import LoadedModel, ModelLoadError, load_model
+from serve.prometheus_metrics import Metrics
 from serve.settings import Settings
 from serve.variants import VariantRouter, VariantSpec
 
 SHADOW_BACKLOG = 256  # requests queued for a shadow variant beyond which its copies are dropped
 SHADOW_FEEDBACK_WAIT_S = 10.0  # how long feedback waits for the shadows' predictions of its request
+
+
+class NotReady(Exception):
+    """A variant has no model loaded yet."""
+
+
+class UnknownVariant(LookupError):
+    """No variant of that name is configured."""
+
+
+class VariantRequired(ValueError):
+    """A reload with several variants configured that does not name one."""
+
+
+class ReloadFailed(Exception):
+    """The new model did not load; the previous one keeps serving."""
+
+
+class FeedbackDisabled(Exception):
+    """Feedback is off: the server was started without FEEDBACK_DIR."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ class Variant:
 
     def current(self) -> LoadedModel:
         if self.model is None:
-            raise ApiError(503, "not_ready", f"variant {self.name!r} has no model loaded yet")
+            raise NotReady(f"variant {self.name!r} has no model loaded yet")
         return self.model
 
     def install(self, model: LoadedModel) -> None:
@@ -163,31 +175,24 @@ class Service:
 
     async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:
         if self.feedback is None or self.recent is None:
-            raise ApiError(404, "feedback_disabled", "feedback is off on this server: start it with FEEDBACK_DIR set")
+            raise FeedbackDisabled("feedback is off on this server: start it with FEEDBACK_DIR set")
         if shadows := self._shadowing.get(request_id):
             # feedback sent right after the answer: the record also scores what the shadows predict
             await asyncio.wait(set(shadows), timeout=SHADOW_FEEDBACK_WAIT_S)
-        try:
-            return await asyncio.to_thread(self.feedback.submit, request_id, label, self.recent, image_index)
-        except UnknownRequest as error:
-            raise ApiError(404, "unknown_request", str(error)) from error
-        except ConflictingFeedback as error:
-            raise ApiError(409, "conflicting_feedback", str(error)) from error
-        except FeedbackError as error:
-            raise ApiError(422, "invalid_feedback", str(error)) from error
+        return await asyncio.to_thread(self.feedback.submit, request_id, label, self.recent, image_index)
 
     def variant(self, name: str | None) -> Variant:
-        """A variant by name (default: the first answering one); 404 for a name not configured."""
+        """A variant by name (default: the first answering one); UnknownVariant for a name not configured."""
         name = name or self.default_variant
         if name not in self.variants:
-            raise ApiError(404, "unknown_variant", f"no variant {name!r}; configured: {', '.join(self.variants)}")
+            raise UnknownVariant(f"no variant {name!r}; configured: {', '.join(self.variants)}")
         return self.variants[name]
 
     async def reload(self, uri: str | None = None, variant_name: str | None = None) -> tuple[LoadedModel, LoadedModel]:
         """Load, warm and swap in a model for a variant (default: re-resolve its configured URI); (old, new). The
-        old one keeps serving if the new one fails (ApiError 422 with the reason)."""
+        old one keeps serving if the new one fails (ReloadFailed, with the reason)."""
         if variant_name is None and len(self.variants) > 1:
-            raise ApiError(422, "variant_required", f"name the variant to reload: one of {', '.join(self.variants)}")
+            raise VariantRequired(f"name the variant to reload: one of {', '.join(self.variants)}")
         variant = self.variant(variant_name)
         async with self._reload_lock:
             old = variant.current()
@@ -200,7 +205,7 @@ class Service:
                     "reload failed; the previous model keeps serving",
                     extra={"variant": variant.name, "reason": str(error)},
                 )
-                raise ApiError(422, "model_load_failed", f"{error}; the previous model keeps serving") from error
+                raise ReloadFailed(f"{error}; the previous model keeps serving") from error
             variant.install(new)
             self.metrics.reloads.labels(variant=variant.name, result="success").inc()
             self.log.info(
@@ -229,7 +234,7 @@ class Service:
     async def _shadow(self, name: str, images: np.ndarray, request_id: str) -> None:
         try:
             probabilities, model = await self.variants[name].batcher.submit(images)
-        except (BatchFailed, ApiError) as error:  # a shadow's failure never reaches the client; it is logged
+        except (BatchFailed, ShuttingDown) as error:  # a shadow's failure never reaches the client; it is logged
             self.log.warning(
                 "shadow prediction failed", extra={"variant": name, "request_id": request_id, "reason": str(error)}
             )
@@ -260,7 +265,7 @@ class Service:
             self._in_background(self._reload_quietly(name))
 
     async def _reload_quietly(self, name: str) -> None:
-        with contextlib.suppress(ApiError):  # already logged and counted; the old model keeps serving
+        with contextlib.suppress(ReloadFailed, NotReady):  # logged and counted; the old model keeps serving
             await self.reload(variant_name=name)
 
 

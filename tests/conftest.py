@@ -10,14 +10,28 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
+# The real servers of the integration tier, each defined beside its helpers: a Docker engine and the serving image;
+# an MLflow tracking server, a GCS emulator and a pipeline copy of the repository.
+pytest_plugins = ["tests.containers", "tests.servers"]
+# The markers a test must carry when it uses one of these fixtures, directly or through another fixture:
+# `integration` for a real server, `slow` for a model trained for it. `make test-fast` runs neither.
+MARKED_FIXTURES = {
+    "integration": frozenset(
+        {"docker_engine", "serve_image", "mlflow_server", "gcs", "pipeline_repo", "trained_version", "prometheus"}
+    ),
+    "slow": frozenset({"tiny_run"}),
+}
+# the registry's aliases, as configs/registry.yaml names them for training, promotion and retraining
+_REGISTRY = OmegaConf.load(CONFIGS / "registry.yaml").registry
+CHAMPION_ALIAS, CHALLENGER_ALIAS = _REGISTRY.champion_alias, _REGISTRY.challenger_alias
 
 # Small, fast and CPU-only: the overrides every training test starts from. One ONNX export per run, at the end, as
-# configured (export takes seconds); tests/export/test_onnx.py checks the export of every new best.
+# configured (export takes seconds); tests/training/export/test_onnx.py checks the export of every new best.
 TINY = [
     "trainer.accelerator=cpu",
     "debug=limit",
@@ -26,12 +40,38 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The unit tier (`-m "not integration and not slow"`) starts no real server and trains nothing: refuse a test
+    that uses such a fixture without its marker."""
+    unmarked = [
+        f"{item.nodeid} ({marker})"
+        for item in items
+        for marker, fixtures in MARKED_FIXTURES.items()
+        if fixtures & set(getattr(item, "fixturenames", ())) and item.get_closest_marker(marker) is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that need a marker they lack: {unmarked}")
+
+
 @pytest.fixture(autouse=True)
 def project_root(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
     monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny network exported under the model contract, once per session (export is slow)."""
+    # imported here: torch loads for the tests that use a model, not for every collection
+    from cifarlab.export.onnx import export_onnx
+    from cifarlab_contract.classes import CIFAR10_CLASSES
+    from cifarlab_contract.model import contract_metadata
+    from tests.training.export.test_onnx import tiny_net
+
+    metadata = contract_metadata(CIFAR10_CLASSES, "run-7", "cd" * 32)
+    return export_onnx(tiny_net(), tmp_path_factory.mktemp("tiny-model") / "model.onnx", metadata)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +140,3 @@ def run_cli(
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
-
-
-# A Docker engine and the serving image, for the tests that run containers (defined beside their helpers).
-from tests.containers import docker_engine, serve_image  # noqa: E402, F401

@@ -14,7 +14,7 @@ from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
 from benchmarks.serving.nets import build
-from cifarlab.data.prepare import CIFAR10_CLASSES
+from cifarlab_contract.classes import CIFAR10_CLASSES
 
 app = FastAPI()
 model = build(os.environ.get("BASELINE_NET", "airbench"))

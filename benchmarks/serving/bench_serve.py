@@ -35,9 +35,10 @@ import torch
 
 from benchmarks.serving.loadgen import multipart_request, run_load
 from benchmarks.serving.nets import build
-from cifarlab.data.prepare import CIFAR10_CLASSES
-from cifarlab.export.onnx import contract_metadata, export_onnx
+from cifarlab.export.onnx import export_onnx
 from cifarlab.export.reference import embed_reference
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.model import contract_metadata
 from serve.model import load_model
 from serve.settings import Settings
 

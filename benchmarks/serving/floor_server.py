@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from starlette.types import Receive, Scope, Send
 
+from cifarlab_contract.drift import softmax
 from serve.batching import Infer, MicroBatcher
-from serve.drift import softmax
 from serve.middleware import send_json
 from serve.model import LoadedModel, load_model
 from serve.preprocess import decode_image

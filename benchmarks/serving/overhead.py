@@ -34,7 +34,7 @@ from benchmarks.serving.bench_serve import ROOT, export_like_training, test_imag
 from benchmarks.serving.loadgen import multipart_request
 from benchmarks.serving.nets import build
 from serve.app import create_app
-from serve.logging import LOGGER_NAME, JsonFormatter
+from serve.json_logs import LOGGER_NAME, JsonFormatter
 from serve.settings import Settings
 
 BLOCKS = 7

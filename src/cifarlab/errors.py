@@ -1,8 +1,6 @@
-"""Errors the user can fix: shown as one readable line, never as a traceback."""
+"""Training's errors the user can fix: shown as one readable line, never as a traceback."""
 
-
-class UserError(Exception):
-    """Input the user controls is wrong (data, config, paths, hardware choice)."""
+from cifarlab_contract.errors import UserError
 
 
 class DataError(UserError):

@@ -14,7 +14,8 @@ from cifarlab.errors import ConfigError, DataError
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.metrics import classification_metrics, confusion_figure, summarize
 from cifarlab.models.module import ImageClassifier
-from cifarlab.runtime import write_atomic
+from cifarlab_contract.files import write_atomic
+from cifarlab_contract.model import ContractError, metadata_classes
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def _model_path(cfg: DictConfig) -> Path:
 
 
 def _onnx_classes(path: Path) -> tuple[str, ...]:
-    metadata = read_metadata(path)
-    if "classes" not in metadata:
-        raise ConfigError(f"{path} has no 'classes' metadata: it was not exported under this project's model contract")
-    return tuple(json.loads(metadata["classes"]))
+    try:
+        return metadata_classes(read_metadata(path))
+    except ContractError as error:
+        raise ConfigError(f"{path} has {error}") from error
 
 
 @torch.no_grad()

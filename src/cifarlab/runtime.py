@@ -1,16 +1,12 @@
-"""Process-level helpers for the entry points: accelerator checks, atomic writes, file digests, one-line user errors."""
+"""Process-level helpers for the entry points: the accelerator check, and user errors as one line."""
 
-import contextlib
 import functools
-import hashlib
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
-from cifarlab.errors import ConfigError, UserError
+from cifarlab.errors import ConfigError
+from cifarlab_contract.errors import UserError
 
 T = TypeVar("T")
 
@@ -23,37 +19,6 @@ def check_accelerator(accelerator: str) -> None:
         raise ConfigError("MPS is not available on this machine; use trainer.accelerator=auto (or trainer=cpu)")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("no CUDA GPU is available on this machine; use trainer.accelerator=auto (or trainer=cpu)")
-
-
-@contextlib.contextmanager
-def atomic_destination(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, moved over it once the block succeeds: readers see the old file or the
-    new one, never a half-written one. The file gets mode 0644, not mkstemp's 0600, so that other users (a
-    container's non-root server, say) can read it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    temp = Path(temp_name)
-    try:
-        yield temp
-        temp.chmod(0o644)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write text or bytes atomically (see atomic_destination)."""
-    with atomic_destination(path) as temp:
-        if isinstance(content, bytes):
-            temp.write_bytes(content)
-        else:
-            temp.write_text(content)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:

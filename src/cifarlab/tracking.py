@@ -1,10 +1,9 @@
 """What every run records: config, code version, data identity, system, results and artefacts.
 
-The MLflow side goes through the Lightning MLFlowLogger's client for params, tags and metrics, and through
-the fluent API (attached to the same run) only to log the ONNX model, which has no client-level call.
+The MLflow side goes through the Lightning MLFlowLogger's client for params, tags and metrics; the ONNX model is
+logged and registered by the model registry's own code (cifarlab_lifecycle.registry.register_onnx).
 """
 
-import contextlib
 import json
 import os
 import platform
@@ -14,25 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning
-import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Param
-from mlflow.exceptions import MlflowException
 
 from cifarlab.data.prepare import PreparedDataset
 from cifarlab.errors import ConfigError
-from cifarlab.registry import ONNX_SHA256_TAG
-from cifarlab.runtime import file_sha256
+from cifarlab_lifecycle.registry import default_artifact_location, ensure_experiment, register_onnx
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 MAX_DIGEST_LENGTH = 32  # of a dataset input's digest: MLflow takes at most 36 characters, a sha256 has 64
-# Marks an experiment as model training, so that MLflow's UI opens it on its runs, not on the GenAI overview of traces
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
-CHAMPION_ALIAS = "champion"  # the registered model version production serves
-CHALLENGER_ALIAS = "challenger"  # the version being tried against it (every training run registers one)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -110,55 +102,9 @@ def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, che
     if onnx_path is None or not onnx_path.exists():
         return None
     registered_name = getattr(logger, "registered_model_name", None)
-    version = _log_onnx_model(logger, onnx_path, registered_name)
-    if version is not None:
-        client.set_model_version_tag(registered_name, version, ONNX_SHA256_TAG, file_sha256(onnx_path))
-        # The newest model is what is being tried; scripts/promote.py decides whether it becomes the champion.
-        client.set_registered_model_alias(registered_name, CHALLENGER_ALIAS, version)
-    return version
-
-
-def _log_onnx_model(logger: MLFlowLogger, onnx_path: Path, registered_name: str | None) -> str | None:
-    import mlflow
-    import onnx
-    import onnxruntime
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    model = onnx.load(str(onnx_path))
-    classes = len(json.loads({p.key: p.value for p in model.metadata_props}["classes"]))
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 32, 32, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "logits")]),
-    )
-    mlflow.set_tracking_uri(logger._tracking_uri)
-    with mlflow.start_run(run_id=logger.run_id):
-        info = mlflow.onnx.log_model(
-            model,
-            name="onnx_model",
-            signature=signature,
-            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"],
-            save_as_external_data=False,
-            registered_model_name=registered_name,
-        )
-    version = info.registered_model_version
-    return None if version is None else str(version)
-
-
-def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of the experiment `name`, created if missing (Lightning would create it too, with a warning that a
-    first run in a new store has nothing wrong with), and marked as a model-training experiment."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None or experiment.lifecycle_stage != "active":
-        # fails when a sweep's parallel job created it first, or when it is deleted (checked below)
-        with contextlib.suppress(MlflowException):
-            client.create_experiment(name, artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None or experiment.lifecycle_stage != "active":
-            raise ConfigError(f"the MLflow experiment {name!r} is deleted: restore it, or set logger.experiment_name")
-    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made by an older version, or by hand
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-    return experiment.experiment_id
+    challenger_alias = getattr(logger, "challenger_alias", None)
+    assert run_id is not None  # the client calls above created the run
+    return register_onnx(logger._tracking_uri, run_id, onnx_path, registered_name, challenger_alias)
 
 
 def log_dataset(logger: MLFlowLogger, dataset: PreparedDataset) -> None:
@@ -183,11 +129,19 @@ def log_train_time(logger: MLFlowLogger, seconds: float, cpu_seconds: float | No
 
 
 class RegisteringMLFlowLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger, plus the registered-model name the run's ONNX export is registered under."""
+    """Lightning's MLFlowLogger, plus the registered model the run's ONNX export becomes a version of, and the
+    alias that version gets."""
 
-    def __init__(self, *args: Any, registered_model_name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        registered_model_name: str | None = None,
+        challenger_alias: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.registered_model_name = registered_model_name
+        self.challenger_alias = challenger_alias
 
 
 def mlflow_logger(
@@ -198,14 +152,14 @@ def mlflow_logger(
     artifact_location: str | None = None,
     tags: Mapping[str, str] | None = None,
     registered_model_name: str | None = None,
+    challenger_alias: str | None = None,
 ) -> RegisteringMLFlowLogger:
     """An MLFlowLogger whose artefacts sit beside a local SQLite store (not in the current directory, where
     MLflow would put them); with a server, the server decides where artefacts go. With `registered_model_name`,
-    the run's ONNX export becomes a new version of that registered model, with the alias `challenger`."""
-    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri.removeprefix("sqlite:///"))
-        database.parent.mkdir(parents=True, exist_ok=True)
-        artifact_location = (database.parent / "artifacts").resolve().as_uri()
+    the run's ONNX export becomes a new version of that registered model, aliased `challenger_alias`."""
+    if registered_model_name and not challenger_alias:
+        raise ConfigError(f"registering {registered_model_name!r} needs the challenger alias (configs/registry.yaml)")
+    artifact_location = artifact_location or default_artifact_location(tracking_uri)
     if run_id is None:
         ensure_experiment(MlflowClient(tracking_uri), experiment_name, artifact_location)
     return RegisteringMLFlowLogger(
@@ -216,4 +170,5 @@ def mlflow_logger(
         artifact_location=artifact_location,
         tags=dict(tags or {}),
         registered_model_name=registered_model_name,
+        challenger_alias=challenger_alias,
     )

@@ -21,10 +21,12 @@ from cifarlab.callbacks.onnx_export import OnnxExport
 from cifarlab.console import EpochLog, quiet_console
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
+from cifarlab.export.onnx import read_metadata
 from cifarlab.metrics import confusion_figure
 from cifarlab.mlflow_ui import runs_url
-from cifarlab.publish import publish_model
-from cifarlab.runtime import check_accelerator, write_atomic
+from cifarlab.runtime import check_accelerator
+from cifarlab_contract.files import write_atomic
+from cifarlab_lifecycle.publish import publish_model
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,9 @@ def _publish(cfg: DictConfig, best: str, onnx: Path | None, model: Any, version:
         raise ConfigError(
             "publish_dir needs a best checkpoint and its ONNX export (callbacks=default, no fast_dev_run)"
         )
-    config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: str keys
-    written = publish_model(Path(cfg.publish_dir), Path(best), onnx, config, model.test_report, version)
+    params = tracking.flatten(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))  # a DictConfig: str keys
+    metadata = read_metadata(onnx)
+    written = publish_model(Path(cfg.publish_dir), Path(best), onnx, metadata, params, model.test_report, version)
     log.info("Published %s", ", ".join(map(str, written)))
 
 

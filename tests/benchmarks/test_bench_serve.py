@@ -7,9 +7,11 @@ import pytest
 
 from benchmarks.serving import bench_serve
 from benchmarks.serving.nets import build
-from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.export.onnx import read_metadata
-from serve.drift import Reference
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.drift import Reference
+
+pytestmark = pytest.mark.slow  # a serving benchmark
 
 SERVERS = ["onnx (serve/)", "bare ASGI floor", "torch baseline"]
 

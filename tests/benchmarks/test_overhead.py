@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from benchmarks.serving import overhead
-from serve.logging import get_logger
+from serve.json_logs import get_logger
 
 
 @pytest.fixture

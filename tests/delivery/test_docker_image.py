@@ -50,6 +50,8 @@ def container_name(request: pytest.FixtureRequest) -> str:
     docker("rm", "--force", name, check=False)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_the_image_serves_a_real_model_as_non_root_without_torch_and_drains_on_sigterm(
     serve_image: str, tiny_run: Path, container_name: str, record_property, capsys
 ) -> None:
@@ -107,6 +109,8 @@ def _unreadable(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -172,6 +176,7 @@ def test_an_engine_that_cannot_start_is_one_line(tmp_path: Path) -> None:
         assert line == "error: no Docker engine answers; start one (sudo dockerd, or Docker Desktop) and retry"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("base", "says"),
     [

@@ -13,7 +13,7 @@ REQUIREMENTS = ROOT / "requirements"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # lock file -> the extras of pyproject.toml it locks (make lock): the training environment has them all
 LOCKS = {"serve.txt": ["serve"], "train.txt": sorted(PROJECT["optional-dependencies"])}
-NOT_LOCKED = {"torch"}  # installed first from the CPU index, see README "Lock files"
+NOT_LOCKED = {"torch"}  # installed first from the CPU index, see docs/delivery.md, "Lock files"
 
 
 def normalize(name: str) -> str:

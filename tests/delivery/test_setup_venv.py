@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each test runs the set-up script end to end: a venv, uv, a sync
 SCRIPT = ROOT / "scripts" / "setup_venv.py"
 LOCKS = [ROOT / "requirements" / "serve.txt", ROOT / "requirements" / "train.txt"]
 

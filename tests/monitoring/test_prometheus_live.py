@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from tests.monitoring.conftest import Traffic
 from tests.monitoring.test_prometheus import PROMETHEUS, dashboard_expressions, rule_expressions
-from tests.serve.conftest import Server
+from tests.serve.conftest import Server, Traffic
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real Prometheus, scraping the trained model's server
 
 STARTUP_S = 60
 

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cifarlab.export.onnx import read_metadata
 from tests.conftest import ROOT
-from tests.pipeline.conftest import BUCKET, REMOTE, Emulator, dvc, dvc_env, free_port
+from tests.servers import BUCKET, REMOTE, Emulator, dvc, dvc_env, free_port
 
 TRACKED = (
     "data/raw/cifar10.tar.gz",
@@ -64,6 +65,7 @@ def test_stages_take_their_params_from_the_hydra_configs():
     assert not (ROOT / "params.yaml").exists()  # no second copy of the hyper-parameters
 
 
+@pytest.mark.integration
 def test_pipeline_push_delete_pull_is_byte_identical(pipeline_repo: Path, gcs: Emulator):
     repo = pipeline_repo
     metrics = json.loads((repo / "reports" / "test_metrics.json").read_text())
@@ -109,13 +111,15 @@ def changed_by(repo: Path, name: str, addition: str) -> dict:
     return {stage.rsplit(":", 1)[-1]: change for stage, change in changed.items()}
 
 
+@pytest.mark.integration
 def test_repro_reruns_only_what_a_change_touches(pipeline_repo: Path):
     repo = pipeline_repo
     changed = changed_by(repo, "configs/experiment/pipeline.yaml", "optimizer:\n  lr: 0.07\n")
     assert set(changed) == {"train", "evaluate"}  # both compose configs/; prepare reads none of it
     assert "configs/experiment/pipeline.yaml" in json.dumps(changed["train"])
-    # the export embeds the drift reference serve/drift.py computes: a change there retrains
-    assert set(changed_by(repo, "serve/drift.py", "# changed\n")) == {"train", "evaluate"}
+    # the export embeds the drift reference the contract computes: a change there retrains; the service feeds nothing
+    assert set(changed_by(repo, "src/cifarlab_contract/drift.py", "# changed\n")) == {"train", "evaluate"}
+    assert changed_by(repo, "serve/drift.py", "# changed\n") == {}
     assert set(changed_by(repo, "scripts/prepare_data.py", "# changed\n")) == {"prepare"}
     assert status(repo) == {}
 
@@ -131,6 +135,7 @@ def _bad_remote(repo: Path, **options: str) -> subprocess.CompletedProcess:
         local.write_text(saved)
 
 
+@pytest.mark.integration
 def test_unreachable_remote_is_a_clear_error_and_loses_nothing(pipeline_repo: Path, gcs: Emulator):
     before = tracked_files(pipeline_repo)
     gcs.wipe()
@@ -144,6 +149,7 @@ def test_unreachable_remote_is_a_clear_error_and_loses_nothing(pipeline_repo: Pa
     assert tracked_files(pipeline_repo) == before
 
 
+@pytest.mark.integration
 def test_bad_credentials_are_a_clear_error_and_lose_nothing(pipeline_repo: Path, gcs: Emulator, tmp_path: Path):
     key = tmp_path / "key.json"
     key.write_text('{"type": "service_account", "client_email": "nobody@example.com"}')
@@ -179,6 +185,7 @@ def _kill_while_held(process: subprocess.Popen, gcs: Emulator) -> None:
     gcs.release.clear()
 
 
+@pytest.mark.integration
 def test_interrupted_push_is_retried_to_completion(pipeline_repo: Path, gcs: Emulator):
     repo = pipeline_repo
     gcs.wipe()
@@ -201,6 +208,7 @@ def test_interrupted_push_is_retried_to_completion(pipeline_repo: Path, gcs: Emu
     assert tracked_files(repo) == before
 
 
+@pytest.mark.integration
 def test_interrupted_pull_never_leaves_a_partial_file(pipeline_repo: Path, gcs: Emulator):
     repo = pipeline_repo
     gcs.wipe()

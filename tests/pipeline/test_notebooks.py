@@ -4,11 +4,11 @@ import json
 import re
 
 import numpy as np
+import pytest
 from mlflow import MlflowClient
 
 from cifarlab.data.prepare import ensure_prepared
-from cifarlab.tracking import CHALLENGER_ALIAS, CHAMPION_ALIAS
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import CHALLENGER_ALIAS, CHAMPION_ALIAS, ROOT, SAMPLE
 
 NOTEBOOKS = ROOT / "notebooks"
 REQUIRED = ("01_data_exploration.ipynb", "02_run_comparison.ipynb")
@@ -51,6 +51,7 @@ def test_notebooks_are_committed_without_outputs():
                 assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name}: strip outputs (nbstripout)"
 
 
+@pytest.mark.slow
 def test_data_exploration_runs_on_the_prepared_sample(monkeypatch, prepared_root):
     dataset = ensure_prepared(str(SAMPLE), prepared_root)
     monkeypatch.setenv("CIFARLAB_DATA_SOURCE", str(dataset.root))  # a prepared folder, as the pipeline makes
@@ -64,6 +65,7 @@ def test_data_exploration_runs_on_the_prepared_sample(monkeypatch, prepared_root
     assert images_in(cells) == 3  # class balance, sample grid, histogram
 
 
+@pytest.mark.integration
 def test_run_comparison_shows_the_runs_and_the_champion(monkeypatch, mlflow_server, trained_version):
     name = trained_version["name"]
     client = MlflowClient(mlflow_server)

@@ -23,7 +23,9 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.containers import TEST_IMAGE, docker, error_lines, free_port, make
-from tests.pipeline.conftest import REMOTE, Emulator, dvc, dvc_env, git
+from tests.servers import REMOTE, Emulator, dvc, dvc_env, git
+
+pytestmark = pytest.mark.integration  # a Docker engine and a loopback registry
 
 VERSION = "v1.2.3"
 

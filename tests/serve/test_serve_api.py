@@ -12,11 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlab.data.prepare import CIFAR10_CLASSES, decode_image
+from cifarlab.data.prepare import decode_image
 from cifarlab.evaluate import _torch_logits
 from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
 from cifarlab.models.module import ImageClassifier
+from cifarlab_contract.classes import CIFAR10_CLASSES
 from tests.serve.conftest import API_KEY
+
+pytestmark = pytest.mark.slow  # the session's trained model, served by uvicorn
 
 
 def png(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (10, 200, 30)) -> bytes:

@@ -17,6 +17,7 @@ from tests.serve.conftest import CLEAN_EXIT, Server
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements" / "serve.txt"
 BIN = Path(sys.executable).parent
+APP = (("src/cifarlab_contract/", "cifarlab_contract"), ("serve/", "serve"))  # what the image copies into /app
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -36,6 +37,13 @@ def stage(name: str) -> list[tuple[str, str]]:
             found.append((instruction, args))
     assert found, f"no stage {name}"
     return found
+
+
+def copy_app(app_dir: Path) -> Path:
+    """/app as the image's COPY instructions fill it."""
+    for source, target in APP:
+        shutil.copytree(ROOT / source, app_dir / target, ignore=shutil.ignore_patterns("__pycache__"))
+    return app_dir
 
 
 def test_hadolint_passes():
@@ -60,7 +68,8 @@ def test_dockerfile_structure():
     (user,) = [a for i, a in runtime if i == "USER"]
     assert user not in ("root", "0")  # a non-root user
     copied = [a for i, a in runtime if i == "COPY"]
-    assert copied == ["--from=build /opt/venv /opt/venv", "serve/ /app/serve/"]  # no training code, no torch
+    # the service and its contract: no training code, no torch
+    assert copied == ["--from=build /opt/venv /opt/venv", *(f"{source} /app/{target}/" for source, target in APP)]
     (healthcheck,) = [a for i, a in runtime if i == "HEALTHCHECK"]
     assert "/readyz" in healthcheck and "CMD [" in healthcheck and "curl" not in healthcheck
     (cmd,) = [a for i, a in runtime if i == "CMD"]
@@ -72,7 +81,8 @@ def test_dockerfile_structure():
 def test_dockerignore_keeps_data_runs_and_caches_out():
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"  # an allow-list
-    allowed = ("!serve/", "!requirements/serve.txt", "!build/wheels/")  # the code, its lock, the lock's wheels
+    # the code, its lock, the lock's wheels
+    allowed = (*(f"!{source}" for source, _ in APP), "!requirements/serve.txt", "!build/wheels/")
     assert set(allowed) <= set(lines)
     assert not [line for line in lines if line.startswith("!") and line not in allowed]
 
@@ -111,10 +121,10 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_the_image_dependency_set_serves_end_to_end_without_torch(image_venv, onnx_model, tmp_path):
     python = str(image_venv / "bin" / "python")
-    app_dir = tmp_path / "app"
-    shutil.copytree(ROOT / "serve", app_dir / "serve", ignore=shutil.ignore_patterns("__pycache__"))  # COPY serve/
+    app_dir = copy_app(tmp_path / "app")
     for module in ("torch", "cifarlab", "mlflow"):
         probe = subprocess.run([python, "-c", f"import {module}"], cwd=app_dir, capture_output=True, text=True)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
@@ -131,10 +141,10 @@ def test_the_image_dependency_set_serves_end_to_end_without_torch(image_venv, on
         assert server.stop() in CLEAN_EXIT
 
 
+@pytest.mark.slow
 def test_mlflow_uri_without_mlflow_says_how_to_fix_it(image_venv, tmp_path):
     python = str(image_venv / "bin" / "python")
-    app_dir = tmp_path / "app"
-    shutil.copytree(ROOT / "serve", app_dir / "serve", ignore=shutil.ignore_patterns("__pycache__"))
+    app_dir = copy_app(tmp_path / "app")
     server = Server({"MODEL_URI": "models:/cifarlab@champion"}, tmp_path / "server.log", python=python, cwd=app_dir)
     with pytest.raises(RuntimeError, match="pip install mlflow-skinny"):
         server.start(timeout=30)

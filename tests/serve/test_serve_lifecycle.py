@@ -83,6 +83,7 @@ class Traffic:
         self._thread.join()
 
 
+@pytest.mark.slow
 def test_admin_reload_swaps_models_while_requests_keep_succeeding(reloading_server, models):
     original = run_id(reloading_server)
     with Traffic(reloading_server) as traffic:
@@ -97,6 +98,7 @@ def test_admin_reload_swaps_models_while_requests_keep_succeeding(reloading_serv
     assert traffic.run_ids == {original, "run-second"}  # served by both, never failed in between
 
 
+@pytest.mark.slow
 def test_failed_reload_keeps_the_old_model_and_says_why(reloading_server, models):
     before = run_id(reloading_server)
     body = assert_error(reload(reloading_server, models["broken"]), 422, "model_load_failed")
@@ -109,6 +111,7 @@ def test_failed_reload_keeps_the_old_model_and_says_why(reloading_server, models
     assert 'cifarlab_model_reloads_total{result="failure",variant="default"} 2.0' in metrics
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_configured_uri(reloading_server, models):
     relabelled(models["original"], models["served"], "run-after-sighup")  # a new model at MODEL_URI
     reloading_server.signal(signal.SIGHUP)
@@ -120,6 +123,7 @@ def test_sighup_reloads_the_configured_uri(reloading_server, models):
     assert 'run_id="run-after-sighup"' in metrics and 'run_id="run-second"' not in metrics  # one info series
 
 
+@pytest.mark.slow
 def test_admin_reload_is_off_without_an_api_key(onnx_model, tmp_path):
     server = Server({"MODEL_URI": str(onnx_model)}, tmp_path / "server.log").start()
     try:
@@ -138,6 +142,7 @@ def test_a_model_that_does_not_load_stops_startup_with_the_reason(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_sigterm_stops_accepting_and_finishes_requests_in_flight(onnx_model, tmp_path):
     server = Server({"MODEL_URI": str(onnx_model)}, tmp_path / "server.log").start()
     port = int(server.url.rsplit(":", 1)[1])

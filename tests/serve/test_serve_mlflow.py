@@ -4,10 +4,13 @@ import hashlib
 
 import mlflow
 import onnx
+import pytest
 from mlflow import MlflowClient
 
 from serve.model import load_model
 from serve.settings import Settings
+
+pytestmark = pytest.mark.slow  # the session's trained model, registered in an MLflow store
 
 
 def test_models_alias_uri_loads_the_registered_version(onnx_model, tmp_path, monkeypatch):

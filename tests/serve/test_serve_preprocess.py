@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve.errors import ApiError
-from serve.preprocess import RESAMPLE, decode_batch, decode_image
+from serve.errors import ApiError, as_api_error
+from serve.preprocess import RESAMPLE, InvalidImage, decode_batch, decode_image
 
 LIMIT = 1024 * 1024
 
@@ -44,7 +44,7 @@ def test_other_sizes_are_resized_with_the_documented_filter():
     image = pattern((97, 61))
     decoded = decode_image(encode(image), LIMIT)
     np.testing.assert_array_equal(decoded, np.asarray(image.resize((32, 32), RESAMPLE)))
-    assert RESAMPLE == Image.Resampling.BILINEAR  # the filter README and the OpenAPI description name
+    assert RESAMPLE == Image.Resampling.BILINEAR  # the filter docs/serving.md and the OpenAPI description name
 
 
 def test_animated_gif_uses_its_first_frame():
@@ -63,9 +63,10 @@ def test_batch_stacks_images_in_order():
 
 
 def refusal(blob: bytes, limit: int = LIMIT, index: int = 0) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+    """The InvalidImage decoding raises, as the API answers it."""
+    with pytest.raises(InvalidImage) as caught:
         decode_batch([encode(pattern())] * index + [blob], limit)
-    return caught.value
+    return as_api_error(caught.value)
 
 
 def test_empty_file_is_refused():

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.serve.conftest import API_KEY
+
+pytestmark = pytest.mark.slow  # fuzzes the served API for its schema's every operation
 
 CHECKS = [
     "not_a_server_error",

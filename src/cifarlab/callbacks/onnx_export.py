@@ -8,9 +8,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from cifarlab.data.datamodule import CIFAR10DataModule
-from cifarlab.export.onnx import contract_metadata, export_onnx, verify_onnx
+from cifarlab.export.onnx import export_onnx, verify_onnx
 from cifarlab.export.reference import embed_reference
 from cifarlab.models.module import ImageClassifier
+from cifarlab_contract.model import contract_metadata
 
 
 class OnnxExport(Callback):

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from cifarlab.runtime import write_atomic
+from cifarlab_contract.files import write_atomic
 
 
 def synchronize(device: torch.device) -> None:

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from cifarlab.data.augment import Augmentation
 from cifarlab.data.loader import InMemoryLoader
-from cifarlab.data.prepare import CIFAR10_CLASSES, OFFICIAL_URL, PreparedDataset, ensure_prepared
+from cifarlab.data.prepare import OFFICIAL_URL, PreparedDataset, ensure_prepared
+from cifarlab_contract.classes import CIFAR10_CLASSES
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

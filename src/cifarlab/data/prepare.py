@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import pickle
-import secrets
 import shutil
 import tarfile
 import urllib.parse
@@ -37,20 +36,10 @@ import numpy as np
 from PIL import Image
 
 from cifarlab.errors import DataError
-from cifarlab.runtime import file_sha256
+from cifarlab_contract.classes import CIFAR10_CLASSES
+from cifarlab_contract.feedback import IMAGE_SUFFIXES, labelled_image_class
+from cifarlab_contract.files import atomic_destination, atomic_directory, file_sha256
 
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_ARCHIVE_NAME = "cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -65,7 +54,6 @@ ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels")
 DOWNLOAD_TIMEOUT_S = 60
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PY_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _PY_TEST = "test_batch"
 _PY_META = "batches.meta"
@@ -266,26 +254,12 @@ def image_folder_key(member: str, is_dir: bool) -> FolderKey | None:
     if any(part.startswith(".") or part == "__MACOSX" for part in parts):
         return None
     if not is_dir:
-        if not parts or not parts[-1].lower().endswith(_IMAGE_SUFFIXES):
+        if not parts or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
             return None
         parts = parts[:-1]
     if len(parts) not in (2, 3) or parts[-2] not in SPLITS:
         return None
     return FolderKey("/".join(parts[:-2]), parts[-2], parts[-1])
-
-
-def labelled_image_class(member: str) -> str | None:
-    """The class of a ``<class>/<image>`` file of a labelled-image folder (extra training images, the inference
-    service's feedback store); None for anything else: hidden (temporary) files, a manifest, deeper files."""
-    parts = PurePosixPath(member).parts
-    if len(parts) != 2 or any(part.startswith(".") for part in parts):
-        return None
-    return parts[0] if parts[1].lower().endswith(_IMAGE_SUFFIXES) else None
-
-
-def temp_sibling(path: Path, kind: str = "tmp") -> Path:
-    """A hidden unique name beside ``path``: write there, then rename, so output is whole or absent."""
-    return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(4)}")
 
 
 def describe_member(source: Path, member: str) -> str:
@@ -596,14 +570,9 @@ def _download(url: str, dest_dir: Path, expected_md5: str | None) -> Path:
     dest = dest_dir / (_url_basename(url) or OFFICIAL_ARCHIVE_NAME)
     if dest.is_file():
         return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(dest)
-    try:
+    with atomic_destination(dest) as tmp:
         try:
-            with (
-                tmp.open("xb") as out,
-                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-            ):
+            with tmp.open("wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 shutil.copyfileobj(response, out, 1 << 20)
         except (OSError, ValueError) as exc:
             raise DataError(
@@ -612,9 +581,6 @@ def _download(url: str, dest_dir: Path, expected_md5: str | None) -> Path:
                 f"test/<class>/), or export {SOURCE_ENV_VAR}=<the same path>, or get network access"
             ) from None
         _verified_sha256(tmp, _expected_md5(dest.name, expected_md5), f"{url} (downloaded)")
-        tmp.rename(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -643,10 +609,7 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 def _write(out_dir: Path, train: Split, test: Split, classes: tuple[str, ...], manifest: dict) -> PreparedDataset:
     """Write into a temporary sibling, then swap it in with renames: readers see old or new, never half."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out_dir)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         arrays = dict(zip(ARRAY_NAMES, (train.images, train.labels, test.images, test.labels), strict=True))
         manifest = {
             **manifest,
@@ -654,9 +617,6 @@ def _write(out_dir: Path, train: Split, test: Split, classes: tuple[str, ...], m
         }
         raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         (tmp / MANIFEST_NAME).write_bytes(raw)
-        _install(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return PreparedDataset(out_dir, train, test, classes, manifest, hashlib.sha256(raw).hexdigest())
 
 
@@ -665,21 +625,6 @@ def _save_array(folder: Path, name: str, array: np.ndarray) -> dict:
     np.save(folder / file_name, array, allow_pickle=False)
     sha256 = file_sha256(folder / file_name)
     return {"file": file_name, "shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256}
-
-
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp``; the old folder is moved aside first and restored if the swap fails."""
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = temp_sibling(out_dir, "old")
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_array(root: Path, entry: dict) -> np.ndarray:

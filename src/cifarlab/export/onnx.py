@@ -1,12 +1,11 @@
-"""ONNX export under the model contract, and its verification against the PyTorch model.
+"""ONNX export under the model contract (cifarlab_contract.model), and its verification against the PyTorch model.
 
-Contract (docs/model-contract.md): input `images`, uint8 [N, 32, 32, 3] RGB; output `logits`, float32
-[N, num_classes]; preprocessing inside the graph; metadata: classes, run id, data manifest hash, input spec.
+Input `images`, uint8 [N, 32, 32, 3] RGB; output `logits`, float32 [N, num_classes]; preprocessing inside the
+graph; metadata: classes, run id, data manifest hash, input spec (docs/model-contract.md).
 """
 
-import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from cifarlab.errors import ExportError
-from cifarlab.runtime import atomic_destination
-
-CONTRACT_VERSION = "1"
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-
-
-def input_spec(height: int = 32, width: int = 32) -> dict:
-    return {"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", height, width, 3], "layout": "NHWC", "color": "RGB"}
-
-
-def contract_metadata(class_names: Sequence[str], run_id: str, manifest_sha256: str, **extra: str) -> dict[str, str]:
-    """The key/value strings stored in the ONNX file's metadata_props."""
-    return {
-        "contract_version": CONTRACT_VERSION,
-        "classes": json.dumps(list(class_names)),
-        "run_id": run_id,
-        "data_manifest_sha256": manifest_sha256,
-        "input_spec": json.dumps(input_spec()),
-        "output_spec": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(class_names)]}),
-        **extra,
-    }
+from cifarlab_contract.files import atomic_destination
+from cifarlab_contract.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -48,7 +27,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
     """Export `net` (uint8 NHWC in, logits out) with a dynamic batch axis; atomic (temp file, then rename)."""
     path = Path(path)
-    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     was_training = net.training
     net.eval()
     try:
@@ -59,7 +38,7 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, 
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamo=True,
-                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},  # the name of forward's argument
                 verbose=False,
             )
     finally:

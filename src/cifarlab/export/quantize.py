@@ -22,8 +22,9 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from cifarlab.export.onnx import INPUT_NAME, onnx_logits, onnx_session, read_metadata
-from cifarlab.runtime import atomic_destination
+from cifarlab.export.onnx import onnx_logits, onnx_session, read_metadata
+from cifarlab_contract.files import atomic_destination
+from cifarlab_contract.model import INPUT_NAME
 
 QUANTIZATION_KEY = "quantization"  # metadata: how the weights were quantised, absent in an fp32 export
 MAX_ACCURACY_LOSS = 0.5  # test accuracy points an int8 model may lose and still replace the fp32 one

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifarlab.data.prepare import CIFAR10_CLASSES
 from cifarlab.errors import ConfigError
 from cifarlab.metrics import classification_metrics, summarize
+from cifarlab_contract.classes import CIFAR10_CLASSES
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -1,5 +1,5 @@
 # cifarlab's commands: `make help` lists them. Every target creates the virtual environment first if it is missing
-# (or older than pyproject.toml).
+# (or older than pyproject.toml or the lock).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,13 +9,12 @@ ARGS ?=
 ##@ Environment and tests
 .PHONY: venv help test pytest test-fast test-shuffled lint format typecheck precommit system-deps clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and exactly pinned: it takes the local CPU wheel instead of the CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev,pipeline]"
-	touch $(STAMP)
+# Exactly the hash-pinned requirements/train.txt (uv pip sync), torch's CPU build, then this repository; refuses a lock
+# older than pyproject.toml's dependencies; a set-up cut short is finished by the next run (scripts/setup_venv.py).
+SETUP_VENV = $(PYTHON) scripts/setup_venv.py --venv $(VENV) --torch-index $(TORCH_INDEX) \
+	$(if $(TORCH_FIND_LINKS),--torch-find-links $(TORCH_FIND_LINKS))
+$(STAMP): pyproject.toml requirements/train.txt
+	@$(SETUP_VENV)
 
 venv: $(STAMP)  ## the virtual environment .venv, with the train, serve, dev and pipeline extras
 
@@ -171,17 +170,14 @@ LOCK = $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 	$(if $(TORCH_FIND_LINKS),--no-sources --find-links $(TORCH_FIND_LINKS))
 
-lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: docs/delivery.md)
+lock:  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: docs/delivery.md)
+	@$(SETUP_VENV) --uv-only
 	$(LOCK) --extra serve --output-file requirements/serve.txt
 	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
+	$(PYTHON) scripts/setup_venv.py --record-digest requirements/serve.txt requirements/train.txt
 
-install-locked:  ## build .venv from the lock files alone (CI): torch's CPU build, then every locked hash
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0 --extra-index-url $(TORCH_INDEX)
-	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/train.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
-	touch $(STAMP)
+install-locked:  ## (CI's name for make venv, which installs from the lock alone) rebuild .venv from the lock now
+	@$(SETUP_VENV)
 
 # The serving image (docs/delivery.md); the engine and the base image come from scripts/docker_engine.sh.
 BASE_IMAGE ?= debian:bookworm-slim

@@ -141,7 +141,10 @@ def test_defaults():
     assert cfg.data.source == f"{ROOT}/data/cifar10-sample.tar.gz"
     assert cfg.data.prepared_root == f"{ROOT}/data/prepared"
     assert cfg.data.seed == cfg.seed == 42
-    assert cfg.data.augmentation.flip == "random"
+    assert cfg.data.augmentation.flip == "alternate"
+    # the quick first model of `make train` (docs/results.md, "The default run"): measured, not guessed
+    assert list(cfg.model.net.widths) == [32, 96, 96] and cfg.model.flip_tta is True
+    assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (256, 0.2, 16)
     assert cfg.task_name == "train"
     assert cfg.hydra.job.chdir is False
 
@@ -157,7 +160,7 @@ def test_data_source_follows_the_environment(monkeypatch):
 def test_trainer_accelerators(option, accelerator):
     cfg = compose_config([f"trainer={option}"])
     assert cfg.trainer.accelerator == accelerator
-    assert cfg.trainer.max_epochs == 10  # every trainer option extends the default one
+    assert cfg.trainer.max_epochs == 16  # every trainer option extends the default one
     if option == "ddp":
         assert cfg.trainer.strategy == "ddp"
 

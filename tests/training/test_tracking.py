@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifarlab.tracking import MAX_PARAM_LENGTH, as_params, flatten, git_state, log_run_start, mlflow_logger, system_info
+from cifarlab_lifecycle.registry import ensure_experiment
 from tests.conftest import ROOT
 
 
@@ -142,12 +143,9 @@ class LateLookup(MlflowClient):
         return super().get_experiment_by_name(name)
 
 
-def test_a_run_whose_experiment_another_job_creates_meanwhile_joins_that_experiment(store):
-    logger = mlflow_logger(store.uri, experiment_name="raced", run_name="second")
-    logger._mlflow_client = late = LateLookup(store.uri)  # the client the logger creates its experiment through
-    run = MlflowClient(store.uri).get_run(logger.run_id)
-    assert late.rival_created is not None and run.info.experiment_id == late.rival_created
-    assert run.info.run_name == "second"
+def test_an_experiment_that_another_job_creates_meanwhile_is_joined(store):
+    late = LateLookup(store.uri)  # a sweep's second job, looking just before the first one creates the experiment
+    assert ensure_experiment(late, "raced", None) == late.rival_created
 
 
 CONFIG = {

@@ -1,5 +1,5 @@
 # cifarlab's commands: `make help` lists them. Every target creates the virtual environment first if it is missing
-# (or older than pyproject.toml).
+# (or older than pyproject.toml or the lock).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,13 +9,12 @@ ARGS ?=
 ##@ Environment and tests
 .PHONY: venv help test pytest test-fast test-shuffled lint format typecheck precommit system-deps clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and exactly pinned: it takes the local CPU wheel instead of the CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev,pipeline]"
-	touch $(STAMP)
+# Exactly the hash-pinned requirements/train.txt (uv pip sync), torch's CPU build, then this repository; refuses a lock
+# older than pyproject.toml's dependencies; a set-up cut short is finished by the next run (scripts/setup_venv.py).
+SETUP_VENV = $(PYTHON) scripts/setup_venv.py --venv $(VENV) --torch-index $(TORCH_INDEX) \
+	$(if $(TORCH_FIND_LINKS),--torch-find-links $(TORCH_FIND_LINKS))
+$(STAMP): pyproject.toml requirements/train.txt
+	@$(SETUP_VENV)
 
 venv: $(STAMP)  ## the virtual environment .venv, with the train, serve, dev and pipeline extras
 
@@ -46,7 +45,7 @@ format: venv  ## ruff: fix what it can, then format
 	$(BIN)/ruff format .
 
 # mypy: the training package, the contract, the lifecycle and the service (settings in pyproject.toml)
-TYPECHECK_PATHS := src/cifarlab src/cifarlab_contract src/cifarlab_lifecycle serve
+TYPECHECK_PATHS := src/cifarlab src/cifarlab_contract src/cifarlab_lifecycle src/hydra_plugins serve
 
 typecheck: venv  ## mypy on the packages (configured in pyproject.toml)
 	$(BIN)/mypy $(TYPECHECK_PATHS)
@@ -61,7 +60,7 @@ clean:  ## remove runs/, logs/ and the pytest cache
 	rm -rf runs logs .pytest_cache
 
 ##@ Training and tracking
-.PHONY: train mps-train smoke mlflow-ui mlflow-server compare quantize
+.PHONY: train mps-train smoke mlflow-ui mlflow-server compare quantize bench-scaleout
 
 train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
 	$(BIN)/python train.py $(ARGS)
@@ -91,6 +90,9 @@ compare: venv  ## the MLflow comparison as a terminal table: make compare ARGS="
 
 quantize: venv  ## static INT8 copy of an export, kept if it holds its test accuracy: make quantize ARGS="--model runs/<id>/model.onnx"
 	$(BIN)/python scripts/quantize.py $(ARGS)
+
+bench-scaleout: venv system-deps  ## (root) the README's sweep through a loopback SLURM cluster vs hydra/launcher=basic; JSON + Markdown
+	$(BIN)/python -m benchmarks.scaleout.bench_sweep $(ARGS)
 
 ##@ Model lifecycle: registry, A/B, retraining
 .PHONY: promote ab-report retrain feedback-pull
@@ -168,17 +170,14 @@ LOCK = $(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 	$(if $(TORCH_FIND_LINKS),--no-sources --find-links $(TORCH_FIND_LINKS))
 
-lock: venv  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: docs/delivery.md)
+lock:  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays out: docs/delivery.md)
+	@$(SETUP_VENV) --uv-only
 	$(LOCK) --extra serve --output-file requirements/serve.txt
 	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
+	$(PYTHON) scripts/setup_venv.py --record-digest requirements/serve.txt requirements/train.txt
 
-install-locked:  ## build .venv from the lock files alone (CI): torch's CPU build, then every locked hash
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0 --extra-index-url $(TORCH_INDEX)
-	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/train.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
-	touch $(STAMP)
+install-locked:  ## (CI's name for make venv, which installs from the lock alone) rebuild .venv from the lock now
+	@$(SETUP_VENV)
 
 # The serving image (docs/delivery.md); the engine and the base image come from scripts/docker_engine.sh.
 BASE_IMAGE ?= debian:bookworm-slim

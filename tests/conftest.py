@@ -22,7 +22,16 @@ pytest_plugins = ["tests.containers", "tests.servers"]
 # `integration` for a real server, `slow` for a model trained for it. `make test-fast` runs neither.
 MARKED_FIXTURES = {
     "integration": frozenset(
-        {"docker_engine", "serve_image", "mlflow_server", "gcs", "pipeline_repo", "trained_version", "prometheus"}
+        {
+            "docker_engine",
+            "serve_image",
+            "mlflow_server",
+            "gcs",
+            "pipeline_repo",
+            "trained_version",
+            "prometheus",
+            "slurm_cluster",
+        }
     ),
     "slow": frozenset({"tiny_run"}),
 }
@@ -30,14 +39,13 @@ MARKED_FIXTURES = {
 _REGISTRY = OmegaConf.load(CONFIGS / "registry.yaml").registry
 CHAMPION_ALIAS, CHALLENGER_ALIAS = _REGISTRY.champion_alias, _REGISTRY.challenger_alias
 
-# Small, fast and CPU-only: the overrides every training test starts from. One ONNX export per run, at the end
-# (export takes seconds); tests/training/export/test_onnx.py checks the export of every new best.
+# Small, fast and CPU-only: the overrides every training test starts from. One ONNX export per run, at the end, as
+# configured (export takes seconds); tests/training/export/test_onnx.py checks the export of every new best.
 TINY = [
     "trainer.accelerator=cpu",
     "debug=limit",
     "model.net.widths=[16,32,32]",
     f"data.source={SAMPLE}",
-    "callbacks.onnx_export.every_best=false",
 ]
 
 
@@ -136,8 +144,12 @@ def run_cli(
     *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """Run a repository entry point (train.py, eval.py, scripts/...) as a user would."""
-    inherited = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_SOURCE", "MLFLOW_TRACKING_URI")}
-    full_env = {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment run_cli runs an entry point in: the suite's, without a data source or tracking server."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_SOURCE", "MLFLOW_TRACKING_URI")}
+    return {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -1,6 +1,8 @@
 """Test-only pieces that runs load through config overrides (`+callbacks.x._target_=tests.helpers.X`)."""
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,7 +32,13 @@ class DumpWeights(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        torch.save({"state": state, "steps": trainer.global_step}, self.dirpath / f"rank{trainer.global_rank}.pt")
+        where = {
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "host": os.environ.get("SLURMD_NODENAME"),
+        }
+        record = {"state": state, "steps": trainer.global_step, **where}
+        torch.save(record, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
 class HostSyncGuard(Callback):
@@ -93,3 +101,13 @@ class _Recorder(TorchFunctionMode):
         if name in self.names:
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+class Stall(Callback):
+    """Sleep at fit start, its MLflow run open: a job that is still running when the test kills it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        time.sleep(self.seconds)

@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-METRICS = ("val/acc_best", "test/acc", "test/f1_macro", "test/loss")
+from cifarlab.mlflow_ui import compare_url
+
+METRICS = ("val/acc_best", "test/acc", "test/f1_macro", "test/loss", "time/train_seconds")
 ALWAYS_SHOWN = ("model.net._target_",)
 MAX_VALUE_WIDTH = 40
 
@@ -82,4 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     print(format_table(*comparison_rows(runs)))
+    run_ids = [run.info.run_id for run in runs]
+    print(f"\nIn the MLflow UI: {compare_url(args.tracking_uri, experiment.experiment_id, run_ids)}")
     return 0

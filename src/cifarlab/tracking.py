@@ -15,12 +15,15 @@ from typing import Any
 import lightning
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from mlflow import MlflowClient
 from mlflow.entities import Param
 
+from cifarlab.data.prepare import PreparedDataset
 from cifarlab.errors import ConfigError
-from cifarlab_lifecycle.registry import default_artifact_location, register_onnx
+from cifarlab_lifecycle.registry import default_artifact_location, ensure_experiment, register_onnx
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
+MAX_DIGEST_LENGTH = 32  # of a dataset input's digest: MLflow takes at most 36 characters, a sha256 has 64
 MAX_PARAMS_PER_BATCH = 100  # and more params in one log_batch call
 
 
@@ -104,9 +107,31 @@ def log_run_end(logger: MLFlowLogger, run_dir: Path, onnx_path: Path | None, che
     return register_onnx(logger._tracking_uri, run_id, onnx_path, registered_name, challenger_alias)
 
 
+def log_dataset(logger: MLFlowLogger, dataset: PreparedDataset) -> None:
+    """The run's data as an MLflow dataset input, shown in the runs table's Dataset column: the prepared copy's name,
+    its manifest's sha256 (cut to MLflow's digest length) and where it was prepared from."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = resolve_dataset_source(dataset.manifest["source_resolved"])
+    # MetaDataset's profile is abstract in MLflow's stubs only: the class is meant to be used as it is
+    meta = MetaDataset(source, name=dataset.root.name, digest=dataset.manifest_sha256[:MAX_DIGEST_LENGTH])  # type: ignore[abstract]
+    context = InputTag(key="mlflow.data.context", value="train")
+    logger.experiment.log_inputs(logger.run_id, datasets=[DatasetInput(meta._to_mlflow_entity(), tags=[context])])
+
+
+def log_train_time(logger: MLFlowLogger, seconds: float, cpu_seconds: float | None) -> None:
+    """The training phase's duration as metrics, so that a comparison of runs shows time beside accuracy."""
+    logger.experiment.log_metric(logger.run_id, "time/train_seconds", seconds)
+    if cpu_seconds is not None:
+        logger.experiment.log_metric(logger.run_id, "time/train_cpu_seconds", cpu_seconds)
+
+
 class RegisteringMLFlowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger, plus the registered model the run's ONNX export becomes a version of, and the
-    alias that version gets."""
+    alias that version gets. (`mlflow_logger` has made the experiment first, safely when a sweep's jobs start at
+    once: `ensure_experiment`.)"""
 
     def __init__(
         self,
@@ -135,12 +160,15 @@ def mlflow_logger(
     the run's ONNX export becomes a new version of that registered model, aliased `challenger_alias`."""
     if registered_model_name and not challenger_alias:
         raise ConfigError(f"registering {registered_model_name!r} needs the challenger alias (configs/registry.yaml)")
+    artifact_location = artifact_location or default_artifact_location(tracking_uri)
+    if run_id is None:
+        ensure_experiment(MlflowClient(tracking_uri), experiment_name, artifact_location)
     return RegisteringMLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
         run_id=run_id,
         tracking_uri=tracking_uri,
-        artifact_location=artifact_location or default_artifact_location(tracking_uri),
+        artifact_location=artifact_location,
         tags=dict(tags or {}),
         registered_model_name=registered_model_name,
         challenger_alias=challenger_alias,

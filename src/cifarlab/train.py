@@ -16,12 +16,14 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifarlab import tracking
+from cifarlab import slurm, tracking
 from cifarlab.callbacks.onnx_export import OnnxExport
+from cifarlab.console import EpochLog, quiet_console
 from cifarlab.data.datamodule import CIFAR10DataModule
 from cifarlab.errors import ConfigError
 from cifarlab.export.onnx import read_metadata
 from cifarlab.metrics import confusion_figure
+from cifarlab.mlflow_ui import runs_url
 from cifarlab.runtime import check_accelerator
 from cifarlab_contract.files import write_atomic
 from cifarlab_lifecycle.publish import publish_model
@@ -35,6 +37,7 @@ MLFLOW_LOGGER_TARGET = "cifarlab.tracking.mlflow_logger"
 def train(cfg: DictConfig) -> float | None:
     """Train, test and export one model; return the value of `cfg.optimized_metric` for sweepers."""
     check_accelerator(cfg.trainer.accelerator)
+    quiet_console()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = _existing_checkpoint(cfg.get("ckpt_path"))
@@ -53,37 +56,46 @@ def train(cfg: DictConfig) -> float | None:
     model: L.LightningModule = instantiate(
         cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
     )
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    epoch_log = EpochLog()
+    callbacks = [epoch_log, *(instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=[logger] if logger else False)
 
     mlflow = tracking.find_mlflow_logger(trainer.loggers)
     if mlflow is not None and _rank() == 0:
         params = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))  # a DictConfig: str keys
         tracking.log_run_start(mlflow, params, _run_tags(cfg, datamodule))
+        tracking.log_dataset(mlflow, datamodule.load())
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if mlflow is not None and trainer.is_global_zero and epoch_log.train_seconds is not None:
+        tracking.log_train_time(mlflow, epoch_log.train_seconds, epoch_log.train_cpu_seconds)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
     if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)  # _report_test says it
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
         if trainer.is_global_zero:
+            _report_test(run_dir, model, len(datamodule.load().test.labels), mlflow)
             _write_test_report(run_dir, model)
 
     onnx = next((c.path for c in callbacks if isinstance(c, OnnxExport)), None)
     version = None
     if mlflow is not None and trainer.is_global_zero:
         version = tracking.log_run_end(mlflow, run_dir, onnx, best or None)
+        log.info("Runs in MLflow: %s", runs_url(mlflow._tracking_uri, mlflow.experiment_id or ""))
     if cfg.get("publish_dir") and trainer.is_global_zero:
         _publish(cfg, best, onnx, model, version)
     return _optimized_metric(cfg, metrics)
 
 
 def _rank() -> int:
-    """This process's rank in a distributed run: Lightning sets it on rank_zero_only, untyped, before any hook."""
-    return int(getattr(rank_zero_only, "rank", 0))
+    """This process's rank in a distributed run, or at least whether it is 0, before the Trainer exists. Lightning
+    reads RANK, LOCAL_RANK or SLURM_PROCID into rank_zero_only (untyped) at import; a node started by hand with the
+    rendezvous variables (NODE_RANK=1, no RANK) reads as 0 there until fit, so its node rank stands in."""
+    rank = int(getattr(rank_zero_only, "rank", 0))
+    return rank or int(os.environ.get("NODE_RANK", "0"))
 
 
 def _publish(cfg: DictConfig, best: str, onnx: Path | None, model: Any, version: str | None) -> None:
@@ -148,11 +160,31 @@ def _run_tags(cfg: DictConfig, datamodule: Any) -> dict[str, str]:
         "output_dir": cfg.paths.output_dir,
         **tracking.git_state(cfg.paths.root_dir),
         **tracking.system_info(cfg.trainer.accelerator),
+        **slurm.job_tags(),
     }
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         hydra_cfg = HydraConfig.get()
         tags.update({"sweep.id": Path(hydra_cfg.sweep.dir).name, "sweep.job": str(hydra_cfg.job.num)})
     return tags
+
+
+def _report_test(run_dir: Path, model: Any, split_size: int, mlflow: Any) -> None:
+    """Say what the test metrics cover: all of the test split, or a subset (trainer.limit_test_batches) of which
+    size; the same words go to the run's `test.images` tag."""
+    report = model.test_report
+    images = int(report["images"])
+    coverage = f"all {images:,}" if images == split_size else f"a subset, {images:,} of the {split_size:,}"
+    where = run_dir / "test_metrics.json"
+    log.info(
+        "Test accuracy %.2f%%, macro F1 %.4f, loss %.4f on %s test images (%s)",
+        100 * report["acc"],
+        report["f1_macro"],
+        report["loss"],
+        coverage,
+        where,
+    )
+    if mlflow is not None:
+        mlflow.experiment.set_tag(mlflow.run_id, "test.images", f"{coverage} test images")
 
 
 def _write_test_report(run_dir: Path, model: Any) -> None:

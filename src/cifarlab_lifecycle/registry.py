@@ -5,6 +5,7 @@ Every training run registers its ONNX export as a new version aliased challenger
 `register_onnx`); the inference service loads `models:/<name>@champion`. The aliases are configs/registry.yaml's.
 """
 
+import contextlib
 import getpass
 import os
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from cifarlab_contract.model import IMAGE_SHAPE, INPUT_DTYPE, INPUT_NAME, OUTPUT
 
 ONNX_FILE = "model.onnx"  # the file mlflow.onnx.log_model writes inside the logged model
 ONNX_SHA256_TAG = "onnx_sha256"  # on each registered version: its exported file's digest
+# Marks an experiment as model training, so that MLflow's UI opens it on its runs, not on the GenAI overview of traces
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 class RegistryError(UserError):
@@ -53,14 +56,26 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (database.parent / "artifacts").resolve().as_uri()
 
 
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of the experiment `name`, created if missing (Lightning would create it too, with a warning that a
+    first run in a new store has nothing wrong with), and marked as a model-training experiment."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        # fails when a sweep's parallel job created it first, or when it is deleted (checked below)
+        with contextlib.suppress(MlflowException):
+            client.create_experiment(name, artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None or experiment.lifecycle_stage != "active":
+            raise RegistryError(f"the MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore)")
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made by an older version, or by hand
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
 def start_run(tracking_uri: str, experiment_name: str, run_name: str) -> str:
     """A new run in `experiment_name` (created if missing); returns its id."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        experiment_id = client.create_experiment(experiment_name, default_artifact_location(tracking_uri))
+    experiment_id = ensure_experiment(client, experiment_name, default_artifact_location(tracking_uri))
     return str(client.create_run(experiment_id, run_name=run_name).info.run_id)
 
 

@@ -76,7 +76,8 @@ def cd_checkout(pipeline_repo: Path, dest: Path, gcs: Emulator) -> Path:
     dvc(dest, "remote", "modify", "--local", REMOTE, "allow_anonymous_login", "true")
     # CD's install-locked step makes the job's venv; the suite's own venv stands in, and a clone's files are newer
     # than its install stamp, which would make `make` reinstall it
-    os.utime(dest / "pyproject.toml", (0, 0))
+    for made_from in ("pyproject.toml", "requirements/train.txt"):
+        os.utime(dest / made_from, (0, 0))
     return dest
 
 

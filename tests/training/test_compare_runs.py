@@ -6,10 +6,11 @@ import pytest
 from mlflow import MlflowClient
 
 from cifarlab import compare_runs
+from cifarlab.mlflow_ui import compare_url
 
 AIRBENCH = "cifarlab.models.airbench.AirbenchNet"
 BASELINE = "cifarlab.models.baseline.BaselineCNN"
-METRIC_NAMES = ["val/acc_best", "test/acc", "test/f1_macro", "test/loss"]
+METRIC_NAMES = ["val/acc_best", "test/acc", "test/f1_macro", "test/loss", "time/train_seconds"]
 
 
 def make_run(client, experiment_id, name, start, end, params, metrics, sweep):
@@ -37,7 +38,8 @@ def store(tmp_path_factory):
     ids = {
         "a": make_run(
             client, experiment_id, "lr=0.05", 1_000, 91_000, {**air, "optimizer.lr": "0.05"},
-            {"val/acc_best": 0.512345, "test/acc": 0.5, "test/f1_macro": 0.49, "test/loss": 1.23456}, "s1",
+            {"val/acc_best": 0.512345, "test/acc": 0.5, "test/f1_macro": 0.49, "test/loss": 1.23456,
+             "time/train_seconds": 42.5}, "s1",
         ),
         "b": make_run(
             client, experiment_id, "lr=0.1", 2_000, None, {**air, "optimizer.lr": "0.1"},
@@ -81,6 +83,7 @@ def test_only_params_that_differ_are_shown_next_to_the_net_and_metrics(store):
         "test/acc": "0.5000",
         "test/f1_macro": "0.4900",
         "test/loss": "1.2346",
+        "time/train_seconds": "42.5000",
     }
     assert second["status"] == "RUNNING" and second["min"] == "nan"  # not finished: no duration
     assert second["val/acc_best"] == "0.2500"
@@ -132,17 +135,21 @@ def test_format_table_aligns_columns_under_a_rule():
 
 def test_main_prints_the_table_of_one_sweep(store, capsys):
     assert compare_runs.main(["--tracking-uri", store.uri, "--sweep", "s1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    *lines, blank, link = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run_id", "name", "status", "min", "net", "optimizer.lr", *METRIC_NAMES]
     assert set(lines[1]) == {"-", " "}
     assert [line.split()[1] for line in lines[2:]] == ["lr=0.1", "lr=0.05"]  # most recent first
     offset = lines[0].index("status")
     assert [line[offset:].split()[0] for line in lines[2:]] == ["RUNNING", "FINISHED"]  # aligned under its header
+    # the same runs in MLflow's compare view (tests/test_browser.py opens such a link in a browser)
+    expected = compare_url(store.uri, store.experiment_id, [store.ids["b"], store.ids["a"]])
+    assert (blank, link) == ("", f"In the MLflow UI: {expected}")
+    assert link.startswith("In the MLflow UI: http://127.0.0.1:5000/#/compare-runs?runs=")
 
 
 def test_main_last_keeps_the_most_recent_runs(store, capsys):
     assert compare_runs.main(["--tracking-uri", store.uri, "--last", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[:-2]  # without the link
     assert [line.split()[1] for line in lines[2:]] == ["model=baseline", "model=airbench"]
 
 

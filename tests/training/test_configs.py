@@ -34,7 +34,10 @@ def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-OVERRIDES = [f"{group}={option}" for group in GROUPS for option in options(group)] + ["hydra/launcher=slurm"]
+OVERRIDES = [f"{group}={option}" for group in GROUPS for option in options(group)] + [
+    "hydra/launcher=slurm",
+    "hydra/launcher=slurm_cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +90,7 @@ def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), group
     assert "airbench" in options("model")
-    assert len(OVERRIDES) == sum(len(options(group)) for group in GROUPS) + 1
+    assert len(OVERRIDES) == sum(len(options(group)) for group in GROUPS) + 2  # and the two SLURM launchers
 
 
 @pytest.mark.parametrize("override", OVERRIDES)
@@ -138,7 +141,10 @@ def test_defaults():
     assert cfg.data.source == f"{ROOT}/data/cifar10-sample.tar.gz"
     assert cfg.data.prepared_root == f"{ROOT}/data/prepared"
     assert cfg.data.seed == cfg.seed == 42
-    assert cfg.data.augmentation.flip == "random"
+    assert cfg.data.augmentation.flip == "alternate"
+    # the quick first model of `make train` (docs/results.md, "The default run"): measured, not guessed
+    assert list(cfg.model.net.widths) == [32, 96, 96] and cfg.model.flip_tta is True
+    assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (256, 0.2, 16)
     assert cfg.task_name == "train"
     assert cfg.hydra.job.chdir is False
 
@@ -154,7 +160,7 @@ def test_data_source_follows_the_environment(monkeypatch):
 def test_trainer_accelerators(option, accelerator):
     cfg = compose_config([f"trainer={option}"])
     assert cfg.trainer.accelerator == accelerator
-    assert cfg.trainer.max_epochs == 10  # every trainer option extends the default one
+    assert cfg.trainer.max_epochs == 16  # every trainer option extends the default one
     if option == "ddp":
         assert cfg.trainer.strategy == "ddp"
 
@@ -246,9 +252,12 @@ def test_hparams_search_uses_the_optuna_sweeper():
 
 def test_slurm_launcher():
     cfg = compose_config(["hydra/launcher=slurm"])
-    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.cifarlab_launcher.slurm.SlurmLauncher"
     assert cfg.hydra.launcher.timeout_min == 120
     assert cfg.hydra.launcher.gpus_per_node == 1
+    cpu = compose_config(["hydra/launcher=slurm_cpu"]).hydra.launcher
+    assert cpu._target_ == cfg.hydra.launcher._target_ and cpu.timeout_min == 120
+    assert (cpu.gpus_per_node, cpu.cpus_per_task, cpu.mem_gb) == (None, 1, 4)
 
 
 @pytest.mark.parametrize("group", ["model", "optimizer", "trainer"])

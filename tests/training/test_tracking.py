@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifarlab.tracking import MAX_PARAM_LENGTH, as_params, flatten, git_state, log_run_start, mlflow_logger, system_info
+from cifarlab_lifecycle.registry import ensure_experiment
 from tests.conftest import ROOT
 
 
@@ -125,6 +126,26 @@ def test_mlflow_logger_keeps_an_explicit_artifact_location(store, tmp_path):
     run = MlflowClient(store.uri).get_run(logger.run_id)
     assert MlflowClient(store.uri).get_experiment_by_name("explicit").artifact_location == location
     assert run.data.tags["k"] == "v"
+
+
+class LateLookup(MlflowClient):
+    """A client whose first lookup of an experiment misses it, while another job creates it just after: what two
+    jobs of a sweep starting at once see."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.rival_created: str | None = None
+
+    def get_experiment_by_name(self, name):
+        if self.rival_created is None:
+            self.rival_created = MlflowClient(self._tracking_client.tracking_uri).create_experiment(name)
+            return None
+        return super().get_experiment_by_name(name)
+
+
+def test_an_experiment_that_another_job_creates_meanwhile_is_joined(store):
+    late = LateLookup(store.uri)  # a sweep's second job, looking just before the first one creates the experiment
+    assert ensure_experiment(late, "raced", None) == late.rival_created
 
 
 CONFIG = {

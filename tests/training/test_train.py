@@ -67,6 +67,9 @@ def test_short_run_writes_checkpoint_onnx_and_mlflow_record(compose_train, track
 
     test_report = json.loads((run_dir / "test_metrics.json").read_text())
     assert test_report["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    # debug=limit tests on 2 batches of 128: the run says its test metrics come from a subset, and how large
+    assert test_report["images"] == metrics["test/images"] == 256
+    assert tags["test.images"] == "a subset, 256 of the 1,000 test images"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "test_metrics.json", "confusion_matrix.png", "checkpoints"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]

@@ -5,7 +5,10 @@ Sources: the official ``cifar-10-python.tar.gz`` (pickled batches) or an image f
 optionally under one top-level folder). The format is detected from the members, not from the name.
 
 The prepared folder holds ``{train,test}_{images,labels}.npy`` and a ``manifest.json`` recording where the
-data came from and every array's sha256; the manifest's own sha256 is the dataset's identity. This module
+data came from and every array's sha256; the manifest's own sha256 is the dataset's identity. Each split is
+stored in a seeded shuffled order (``shuffle_seed`` in the manifest), not grouped by class as sources list
+their images, so that any leading slice of a split (``limit_val_batches``, ``limit_test_batches``) holds
+every class in about its share. This module
 uses numpy, Pillow and the standard library only, so it works without torch.
 """
 
@@ -43,7 +46,8 @@ OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 SOURCE_ENV_VAR = "CIFAR10_SOURCE"
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: splits stored shuffled (1 kept the source's by-class order)
+SHUFFLE_SEED = 0  # the stored order is part of the dataset's identity: fixed, not the run's seed
 IMAGE_SIZE = 32
 SPLITS = ("train", "test")
 ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -141,8 +145,10 @@ def prepare(
     if extra_train is not None:
         added, extra["extra_train"] = _read_extra_train(Path(extra_train), found_classes)
         train = Split(np.concatenate([train.images, added.images]), np.concatenate([train.labels, added.labels]))
+    train, test = shuffled(train, SHUFFLE_SEED), shuffled(test, SHUFFLE_SEED)
     manifest = {
         "format_version": FORMAT_VERSION,
+        "shuffle_seed": SHUFFLE_SEED,
         "source": None if source is None else str(source),
         "source_resolved": location,
         "source_sha256": sha256,
@@ -167,7 +173,10 @@ def load_prepared(out_dir: str | os.PathLike) -> PreparedDataset:
     try:
         manifest = json.loads(raw)
         if manifest["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"format_version {manifest['format_version']}, expected {FORMAT_VERSION}")
+            raise DataError(
+                f"{manifest_path}: format_version {manifest['format_version']}, this version reads "
+                f"{FORMAT_VERSION}; {_REPREPARE}"
+            )
         classes = tuple(manifest["classes"])
         arrays = {name: _load_array(root, manifest["arrays"][name]) for name in ARRAY_NAMES}
         expected_splits = dict(manifest["splits"])
@@ -219,6 +228,12 @@ def ensure_prepared(
             if existing.manifest.get("source_resolved") == location and same_classes:
                 return existing
     return prepare(source, out_dir, classes=classes, url=url, expected_md5=expected_md5, force=True)
+
+
+def shuffled(split: Split, seed: int) -> Split:
+    """The split in the order of ``np.random.default_rng(seed).permutation``: how prepare stores it."""
+    order = np.random.default_rng(seed).permutation(len(split.labels))
+    return Split(split.images[order], split.labels[order])
 
 
 def iter_entries(path: Path) -> Iterator[Entry]:

@@ -197,7 +197,13 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         computed = self.test_metrics.compute()
-        self.test_report = {"loss": float(self.test_loss.compute()), **summarize(computed, self.class_names)}
+        # how many images the metrics cover: fewer than the split under trainer.limit_test_batches
+        images = float(computed["confusion"].sum())
+        self.test_report = {
+            "loss": float(self.test_loss.compute()),
+            "images": images,
+            **summarize(computed, self.class_names),
+        }
         self.test_confusion = computed["confusion"].cpu()
         # Headline numbers go through Lightning (progress table, callback_metrics); per-class ones only to loggers.
         headline = {f"test/{name}": value for name, value in self.test_report.items() if "/" not in name}

@@ -148,12 +148,25 @@ def test_val_is_disjoint_from_train_and_both_come_from_the_training_split(datamo
     assert len(rows(train)) == len(train)
     assert not rows(train) & rows(val)
     assert rows(train) | rows(val) == rows(expected["train"])
-    assert np.array_equal(datamodule.splits["test"][0].numpy(), expected["test"])
-    # labels still belong to their images: image k of the source is class k // TRAIN_PER_CLASS
-    lookup = {bytes(image): index // TRAIN_PER_CLASS for index, image in enumerate(expected["train"].reshape(30, -1))}
-    for split in ("train", "val"):
+    test = datamodule.splits["test"][0]
+    assert len(rows(test)) == len(test) and rows(test) == rows(expected["test"])
+    # labels still belong to their images: image k of a source split is class k // (its images per class)
+    for split, source, per_class in (
+        ("train", "train", TRAIN_PER_CLASS),
+        ("val", "train", TRAIN_PER_CLASS),
+        ("test", "test", TEST_PER_CLASS),
+    ):
+        flat = expected[source].reshape(len(expected[source]), -1)
+        lookup = {bytes(image): index // per_class for index, image in enumerate(flat)}
         images, labels = datamodule.splits[split]
         assert [lookup[bytes(image)] for image in images.numpy().reshape(len(images), -1)] == labels.tolist()
+
+
+def test_the_first_images_of_every_split_mix_the_classes(datamodule):
+    """Prepared splits are stored shuffled, so a limited evaluation (limit_val_batches) sees several classes."""
+    for split in ("train", "val", "test"):
+        labels = datamodule.splits[split][1][:4]
+        assert len(set(labels.tolist())) > 1, (split, labels)
 
 
 def test_setup_is_idempotent(datamodule):

@@ -127,9 +127,20 @@ def python_archive(tmp_path: Path, python_splits: dict[str, Split]) -> Path:
     )
 
 
+def in_source_order(dataset, name: str) -> Split:
+    """A prepared split put back in the source's order: prepare stores image i of the source at the position where
+    ``default_rng(shuffle_seed).permutation`` puts i (the manifest's documented order)."""
+    stored = getattr(dataset, name)
+    order = np.random.default_rng(dataset.manifest["shuffle_seed"]).permutation(len(stored.labels))
+    images, labels = np.empty_like(stored.images), np.empty_like(stored.labels)
+    images[order], labels[order] = stored.images, stored.labels
+    return Split(images, labels)
+
+
 def assert_splits_equal(dataset, expected: dict[str, Split]) -> None:
+    """The dataset holds exactly the expected splits, source order undone."""
     for name in SPLITS:
-        split = getattr(dataset, name)
+        split = in_source_order(dataset, name)
         assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
         assert split.images.shape == expected[name].images.shape
         np.testing.assert_array_equal(split.images, expected[name].images)
@@ -185,8 +196,9 @@ def test_python_labels_follow_the_requested_class_order(python_archive, python_s
     reversed_classes = CIFAR10_CLASSES[::-1]
     dataset = prepare(python_archive, tmp_path / "out", classes=reversed_classes)
     assert dataset.classes == reversed_classes
-    np.testing.assert_array_equal(dataset.train.labels, 9 - python_splits["train"].labels)
-    np.testing.assert_array_equal(dataset.train.images, python_splits["train"].images)
+    train = in_source_order(dataset, "train")
+    np.testing.assert_array_equal(train.labels, 9 - python_splits["train"].labels)
+    np.testing.assert_array_equal(train.images, python_splits["train"].images)
 
 
 def test_python_format_turns_planar_rows_into_hwc(tmp_path):
@@ -194,10 +206,10 @@ def test_python_format_turns_planar_rows_into_hwc(tmp_path):
     y, x = 5, 7
     rows[3, [y * 32 + x, 1024 + y * 32 + x, 2048 + y * 32 + x]] = (200, 100, 50)
     archive = write_python_archive(tmp_path / "b.tar.gz", rows, range(10), rows, range(10))
-    dataset = prepare(archive, tmp_path / "out")
-    assert dataset.test.images[3, y, x].tolist() == [200, 100, 50]
-    assert dataset.test.images[3, x, y].tolist() == [0, 0, 0]
-    assert int(dataset.test.images.sum()) == 350
+    test = in_source_order(prepare(archive, tmp_path / "out"), "test")
+    assert test.images[3, y, x].tolist() == [200, 100, 50]
+    assert test.images[3, x, y].tolist() == [0, 0, 0]
+    assert int(test.images.sum()) == 350
 
 
 def test_manifest_records_source_counts_and_checksums(image_folder, tmp_path):
@@ -209,7 +221,7 @@ def test_manifest_records_source_counts_and_checksums(image_folder, tmp_path):
     manifest = json.loads(raw)
     assert dataset.manifest == manifest
     assert dataset.manifest_sha256 == hashlib.sha256(raw).hexdigest()
-    assert manifest["format_version"] == 1
+    assert (manifest["format_version"], manifest["shuffle_seed"]) == (2, 0)
     assert manifest["source"] == str(archive)
     assert manifest["source_resolved"] == str(archive.resolve())
     assert manifest["source_sha256"] == sha256(archive)
@@ -242,7 +254,7 @@ def test_grayscale_rgba_and_palette_images_become_rgb(tmp_path):
     paletted.putpalette(palette.tobytes())
     paletted.save(folder / "2_palette.png")
     write_png(tmp_path / "src" / "test" / "things" / "0.png", rgba[..., :3])
-    images = prepare(tmp_path / "src", tmp_path / "out", classes=None).train.images
+    images = in_source_order(prepare(tmp_path / "src", tmp_path / "out", classes=None), "train").images
     np.testing.assert_array_equal(images[0], np.stack([gray] * 3, axis=-1))
     np.testing.assert_array_equal(images[1], rgba[..., :3])
     np.testing.assert_array_equal(images[2], palette[indices])
@@ -252,9 +264,10 @@ def test_classes_none_takes_sorted_folder_names(tmp_path):
     built = build_image_folder(tmp_path / "src", classes=("zebra", "ant"))
     dataset = prepare(tmp_path / "src", tmp_path / "out", classes=None)
     assert dataset.classes == ("ant", "zebra")
-    np.testing.assert_array_equal(dataset.train.labels, [0] * TRAIN_PER_CLASS + [1] * TRAIN_PER_CLASS)
+    train = in_source_order(dataset, "train")
+    np.testing.assert_array_equal(train.labels, [0] * TRAIN_PER_CLASS + [1] * TRAIN_PER_CLASS)
     ants = built["train"].images[built["train"].labels == 1]
-    np.testing.assert_array_equal(dataset.train.images[dataset.train.labels == 0], ants)
+    np.testing.assert_array_equal(train.images[train.labels == 0], ants)
 
 
 def test_source_slug_names_the_prepared_folder(tmp_path):
@@ -474,10 +487,11 @@ def test_extra_train_images_join_the_train_split_only(image_folder, tmp_path):
     (extra / "manifest.jsonl").write_text("{}\n")  # anything that is not <class>/<image>: skipped
 
     dataset = prepare(root, tmp_path / "out", extra_train=extra)
-    np.testing.assert_array_equal(dataset.train.images[:30], expected["train"].images)
-    np.testing.assert_array_equal(dataset.train.images[30:], pixels[[1, 2, 0]])  # by class folder, then name
-    assert dataset.train.labels[30:].tolist() == [0, 0, 3]
-    np.testing.assert_array_equal(dataset.test.images, expected["test"].images)
+    train = in_source_order(dataset, "train")  # the source's images, then the extra ones, before the shuffle
+    np.testing.assert_array_equal(train.images[:30], expected["train"].images)
+    np.testing.assert_array_equal(train.images[30:], pixels[[1, 2, 0]])  # by class folder, then name
+    assert train.labels[30:].tolist() == [0, 0, 3]
+    np.testing.assert_array_equal(in_source_order(dataset, "test").images, expected["test"].images)
     recorded = dataset.manifest["extra_train"]
     assert (recorded["count"], recorded["path"]) == (3, str(extra))
     assert recorded["per_class"]["airplane"] == 2 and recorded["per_class"]["cat"] == 1
@@ -559,8 +573,8 @@ def test_make_sample_is_reproducible_and_keeps_original_bytes(image_folder, tmp_
     assert original == (root / "train" / "cat" / "0001.png").read_bytes()
     dataset = prepare(outs[0], tmp_path / "out")
     first_two = np.isin(np.arange(30) % TRAIN_PER_CLASS, [0, 1])
-    np.testing.assert_array_equal(dataset.train.images, expected["train"].images[first_two])
-    np.testing.assert_array_equal(dataset.test.images, expected["test"].images[::TEST_PER_CLASS])
+    np.testing.assert_array_equal(in_source_order(dataset, "train").images, expected["train"].images[first_two])
+    np.testing.assert_array_equal(in_source_order(dataset, "test").images, expected["test"].images[::TEST_PER_CLASS])
 
 
 def test_committed_sample_has_400_and_100_images_per_class(tmp_path):
@@ -569,3 +583,24 @@ def test_committed_sample_has_400_and_100_images_per_class(tmp_path):
     assert (len(dataset.train.labels), len(dataset.test.labels)) == (4000, 1000)
     assert dataset.manifest["splits"]["train"]["per_class"] == dict.fromkeys(CIFAR10_CLASSES, 400)
     assert dataset.manifest["splits"]["test"]["per_class"] == dict.fromkeys(CIFAR10_CLASSES, 100)
+
+
+def test_any_leading_slice_of_the_committed_sample_holds_every_class(tmp_path):
+    """What `debug=limit` evaluates (limit_test_batches of the stored order) is a fair sample, not one class."""
+    dataset = prepare(REPO / "data" / "cifar10-sample.tar.gz", tmp_path / "out")
+    for split in (dataset.train, dataset.test):
+        for size in (100, 256):
+            counts = np.bincount(split.labels[:size], minlength=10)
+            assert counts.min() >= size // 10 // 3, counts  # every class, none starved
+            assert counts.max() <= size // 10 * 2, counts
+
+
+def test_a_copy_prepared_in_the_old_by_class_order_is_prepared_again(image_folder, tmp_path):
+    root, expected = image_folder
+    prepared = ensure_prepared(root, tmp_path / "prepared")
+    manifest = json.loads((prepared.root / "manifest.json").read_text())
+    (prepared.root / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert "format_version 1, this version reads 2" in error_of(load_prepared, prepared.root)
+    again = ensure_prepared(root, tmp_path / "prepared")
+    assert again.manifest["format_version"] == 2
+    assert_splits_equal(again, expected)

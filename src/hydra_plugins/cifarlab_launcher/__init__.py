@@ -1,0 +1,1 @@
+"""cifarlab's Hydra launcher plugin (Hydra finds launchers only under the `hydra_plugins` namespace package)."""

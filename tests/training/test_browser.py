@@ -1,0 +1,154 @@
+"""What a user sees in a real browser: MLflow's UI on a two-job sweep, opened by the links the project prints.
+
+Debian's Chromium, headless, driven by selenium through Debian's chromedriver (requirements/system-packages;
+`make system-deps`). Each page's screenshot is kept in build/browser/ as a test artifact."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cifarlab.mlflow_ui import compare_url, runs_url
+from tests.conftest import ROOT, SAMPLE, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real server and browser; it trains a sweep
+
+ARTIFACTS = ROOT / "build" / "browser"
+PAGE_TIMEOUT_S = 60  # MLflow's UI is a large single-page app: on a busy 2-core machine it takes a while to render
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A two-job sweep (two learning rates) tracked in a new local store, as the README's sweep runs."""
+    out = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
+    result = run_cli(
+        "train.py",
+        "-m",
+        "optimizer.lr=0.1,0.2",
+        "trainer.accelerator=cpu",
+        "debug=limit",
+        "model.net.widths=[16,32,32]",
+        f"data.source={SAMPLE}",
+        f"data.prepared_root={out / 'prepared'}",
+        f"paths.runs_dir={out / 'runs'}",
+        f"paths.log_dir={out / 'logs'}",
+        f"logger.tracking_uri={uri}",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cifar10")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    return {"uri": uri, "experiment": experiment, "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(sweep: dict) -> Iterator[str]:
+    """`mlflow ui` on the sweep's store, on loopback, as `make mlflow-ui` starts it."""
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    command = [str(mlflow), "ui", "--backend-store-uri", sweep["uri"], "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not answer /health"
+        time.sleep(1)
+    yield base
+    server.terminate()
+    server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "chromium and chromedriver are missing: make system-deps"
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1200"):
+        options.add_argument(argument)
+    session = webdriver.Chrome(options=options, service=Service(driver))
+    yield session
+    session.quit()
+
+
+def page_text_once(browser, url: str, *expected: str) -> str:
+    """Open `url` and wait until the page shows every `expected` text; returns the page's text."""
+    browser.get(url)
+    deadline = time.monotonic() + PAGE_TIMEOUT_S
+    while True:
+        text = browser.find_element("tag name", "body").text
+        if all(part in text for part in expected) or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
+
+
+def screenshot(browser, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    assert browser.save_screenshot(str(path)), path
+    return path
+
+
+def shown(value: float) -> str:
+    """A metric as MLflow's compare view prints it: three decimals."""
+    return f"{value:.3f}"
+
+
+def test_the_compare_view_shows_both_runs_with_their_accuracy_and_time(sweep, mlflow_ui, browser):
+    runs = sweep["runs"]
+    url = compare_url(mlflow_ui, sweep["experiment"].experiment_id, [run.info.run_id for run in runs])
+    names = [run.info.run_name for run in runs]
+    accuracies = [shown(run.data.metrics["test/acc"]) for run in runs]
+    text = page_text_once(browser, url, "Comparing 2 Runs", *names, "Duration:", "test/acc")
+    assert "Comparing 2 Runs" in text and all(name in text for name in names), text[:2000]
+    assert re.search(r"^Duration: [\d.]+s [\d.]+s$", text, re.MULTILINE), text[:2000]  # each run's time
+    assert all(run.data.metrics["time/train_seconds"] > 0 for run in runs)  # the training phase alone, logged too
+    metrics = text[text.index("test/acc") :]
+    assert all(accuracy in metrics for accuracy in accuracies), (accuracies, metrics[:1500])
+    # the metrics, not the long list of parameters above them, in the picture
+    heading = browser.find_element("xpath", "//*[normalize-space(text())='test/acc']")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", heading)
+    assert screenshot(browser, "mlflow-compare").stat().st_size > 10_000
+
+
+def test_the_runs_link_opens_on_model_training_with_each_runs_dataset(sweep, mlflow_ui, browser):
+    experiment = sweep["experiment"]
+    run = sweep["runs"][0]
+    (dataset,) = run.inputs.dataset_inputs
+    digest = dataset.dataset.digest
+    assert (dataset.dataset.name, len(digest)) == ("cifar10-sample", 32)  # the prepared copy's folder
+    assert run.data.tags["data.manifest_sha256"].startswith(digest)
+    assert json.loads(dataset.dataset.source)["uri"].endswith("cifar10-sample.tar.gz")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    text = page_text_once(browser, runs_url(mlflow_ui, experiment.experiment_id), "Dataset", digest)
+    assert "Dataset" in text and f"{dataset.dataset.name} ({digest})" in text, text[:2000]
+    assert "Sort: test/acc" in text and "Token Usage" not in text, text[:2000]  # not the GenAI overview
+    screenshot(browser, "mlflow-runs")

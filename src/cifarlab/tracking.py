@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,10 @@ def log_dataset(logger: MLFlowLogger, dataset: PreparedDataset) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    source = resolve_dataset_source(dataset.manifest["source_resolved"])
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and says so on every resolve; both are the same class
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(dataset.manifest["source_resolved"])
     # MetaDataset's profile is abstract in MLflow's stubs only: the class is meant to be used as it is
     meta = MetaDataset(source, name=dataset.root.name, digest=dataset.manifest_sha256[:MAX_DIGEST_LENGTH])  # type: ignore[abstract]
     context = InputTag(key="mlflow.data.context", value="train")

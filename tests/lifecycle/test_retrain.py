@@ -79,10 +79,12 @@ def prepared_manifest(repo: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first(pipeline_repo: Path, mlflow_server: str, feedback: Path) -> tuple[str, dict]:
-    """The first retraining of the session's pipeline copy (its printed line), and its prepared manifest before."""
+def first(pipeline_repo: Path, mlflow_server: str, feedback: Path) -> tuple[str, dict, dict]:
+    """The first retraining of the session's pipeline copy: its printed line, the prepared manifest before, and the
+    summary it wrote (read at once: a later test's retraining rewrites reports/retrain.json)."""
     before = prepared_manifest(pipeline_repo)
-    return run_retrain(pipeline_repo, mlflow_server, feedback, f"model_name={FIRST}"), before
+    line = run_retrain(pipeline_repo, mlflow_server, feedback, f"model_name={FIRST}")
+    return line, before, summary(pipeline_repo)
 
 
 def summary(repo: Path) -> dict:
@@ -98,7 +100,7 @@ def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
     pipeline_repo, mlflow_server, feedback, first
 ):
     repo, name = pipeline_repo, FIRST
-    line, before = first
+    line, before, recorded = first
     assert line.startswith("4 new feedback image(s), 4 in training; registered the candidate")
     assert "there is no champion" in line
 
@@ -120,7 +122,6 @@ def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias(name, "challenger")
     assert aliases(mlflow_server, name) == {"challenger": version.version}  # champion is never set by retraining
-    recorded = summary(repo)
     assert version.tags["retrain.decision"] == "registered" and version.tags["retrain.champion_version"] == "none"
     assert (
         version.tags["retrain.feedback_new"] == "4" and version.tags["retrain.data"] == recorded["data_manifest_sha256"]

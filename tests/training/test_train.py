@@ -52,7 +52,7 @@ def test_short_run_writes_checkpoint_onnx_and_mlflow_record(compose_train, track
 
     params = run.data.params
     assert params["model.net.widths"] == "[16, 32, 32]"
-    assert params["optimizer.lr"] == "0.05" and params["trainer.max_epochs"] == "2"
+    assert params["optimizer.lr"] == str(cfg.optimizer.lr) and params["trainer.max_epochs"] == "2"
     manifest_sha = load_prepared(Path(cfg.data.prepared_root) / source_slug(str(SAMPLE))).manifest_sha256
     tags = run.data.tags
     assert tags["data.manifest_sha256"] == manifest_sha
@@ -188,9 +188,11 @@ def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, t
 
     table = run_cli("scripts/compare_runs.py", "--tracking-uri", tracking_uri, "--sweep", "sweep")
     assert table.returncode == 0, table.stderr
-    lines = table.stdout.splitlines()
+    rows, link = table.stdout.split("\n\n")
+    lines = rows.splitlines()
     assert "val/acc_best" in lines[0] and len(lines) == 4
     assert {line.split()[1] for line in lines[2:]} == names
+    assert link.startswith("In the MLflow UI: ") and all(r.info.run_id in link for r in runs)
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -62,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.stop()  # uvicorn has stopped accepting and finished in-flight requests by now
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI, with /docs and /redoc served from local assets
         title="cifarlab inference",
         version="1",
         description="CIFAR-10 classification with ONNX Runtime, micro-batched. Errors are JSON: "

@@ -1,12 +1,8 @@
-"""What a user sees in a real browser: MLflow's UI on a two-job sweep, opened by the links the project prints.
-
-Debian's Chromium, headless, driven by selenium through Debian's chromedriver (requirements/system-packages;
-`make system-deps`). Each page's screenshot is kept in build/browser/ as a test artifact."""
+"""What a user sees in a real browser (tests/browser.py): MLflow's UI on a two-job sweep, opened by the links the
+project prints."""
 
 import json
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +14,11 @@ import pytest
 from mlflow import MlflowClient
 
 from cifarlab.mlflow_ui import compare_url, runs_url
-from tests.conftest import ROOT, SAMPLE, run_cli
+from tests.browser import headless_chromium, page_text_once, screenshot
+from tests.conftest import SAMPLE, run_cli
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real server and browser; it trains a sweep
-
-ARTIFACTS = ROOT / "build" / "browser"
-PAGE_TIMEOUT_S = 60  # MLflow's UI is a large single-page app: on a busy 2-core machine it takes a while to render
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,37 +73,8 @@ def mlflow_ui(sweep: dict) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "chromium and chromedriver are missing: make system-deps"
-    options = Options()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1200"):
-        options.add_argument(argument)
-    session = webdriver.Chrome(options=options, service=Service(driver))
-    yield session
-    session.quit()
-
-
-def page_text_once(browser, url: str, *expected: str) -> str:
-    """Open `url` and wait until the page shows every `expected` text; returns the page's text."""
-    browser.get(url)
-    deadline = time.monotonic() + PAGE_TIMEOUT_S
-    while True:
-        text = browser.find_element("tag name", "body").text
-        if all(part in text for part in expected) or time.monotonic() > deadline:
-            return text
-        time.sleep(1)
-
-
-def screenshot(browser, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    assert browser.save_screenshot(str(path)), path
-    return path
+    with headless_chromium() as session:
+        yield session
 
 
 def shown(value: float) -> str:

@@ -135,9 +135,25 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path) -> P
     return Path(cfg.paths.output_dir)
 
 
+def local_store(folder: Path) -> str:
+    """A new local MLflow store (SQLite) under `folder`."""
+    return f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+
+
+def isolated(work: Path, tracking_uri: str | None = None, prepared_root: Path | None = None) -> list[str]:
+    """train.py overrides that keep a run's files under `work`: its runs, its logs, and, unless given, its prepared
+    data and a new local MLflow store."""
+    return [
+        f"data.prepared_root={prepared_root or work / 'prepared'}",
+        f"paths.runs_dir={work / 'runs'}",
+        f"paths.log_dir={work / 'logs'}",
+        f"logger.tracking_uri={tracking_uri or local_store(work)}",
+    ]
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    return local_store(tmp_path)
 
 
 def run_cli(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONFIGS, ROOT, SAMPLE, TINY, run_cli
+from tests.conftest import CONFIGS, ROOT, SAMPLE, TINY, isolated, run_cli
 
 BUCKET = "cifarlab-artifacts"  # the bucket .dvc/config names: the tests push to the configured remote, emulated
 REMOTE = "gcs"
@@ -266,10 +266,7 @@ def trained_version(mlflow_server: str, prepared_root: Path, tmp_path_factory: p
     result = run_cli(
         "train.py",
         *TINY,
-        f"data.prepared_root={prepared_root}",
-        f"paths.runs_dir={work / 'runs'}",
-        f"paths.log_dir={work / 'logs'}",
-        f"logger.tracking_uri={mlflow_server}",
+        *isolated(work, mlflow_server, prepared_root),
         f"logger.registered_model_name={TRAINED_MODEL}",
         timeout=300,
     )

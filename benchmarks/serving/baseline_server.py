@@ -25,7 +25,8 @@ if os.environ.get("BASELINE_WEIGHTS"):
 @app.post("/predict")
 async def predict(file: UploadFile = File(...)) -> dict:  # noqa: B008 - FastAPI's idiom
     image = Image.open(io.BytesIO(await file.read())).convert("RGB").resize((32, 32))
+    # np.array, a writable copy: torch warns about (and may not write through) the read-only view Pillow gives
     with torch.no_grad():
-        probabilities = torch.softmax(model(torch.from_numpy(np.asarray(image))[None]), dim=1)[0]
+        probabilities = torch.softmax(model(torch.from_numpy(np.array(image))[None]), dim=1)[0]
     index = int(probabilities.argmax())
     return {"label": CIFAR10_CLASSES[index], "confidence": float(probabilities[index])}

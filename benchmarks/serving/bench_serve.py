@@ -3,13 +3,15 @@ ASGI floor (floor_server.py), same run, same machine, same load generator. Write
 
     python -m benchmarks.serving.bench_serve            # make bench-serve
     python -m benchmarks.serving.bench_serve --models airbench --duration 3 --repeats 1 --load-requests 2000
+    python -m benchmarks.serving.bench_serve --base-revision 729f5ad --no-settings --load-requests 0 \
+        --out build/bench-vs-729f5ad                    # today's serve/ beside an older commit's, taking turns
 
 Measures, per network (airbench, resnet18; untrained weights, which do not change speed, and a drift reference):
 raw ONNX Runtime at batch 1 and 64 (and its CPU time per image) and PyTorch eager at batch 1 and 64; p50/p99
 latency, throughput and the CPU time per request of server and load generator through HTTP at each concurrency for
-the three servers; ONNX Runtime spin-waiting on vs off; and a long load run with the server's resident memory
-sampled every 1,000 requests. Every measurement but the load run is repeated (--repeats) and reported as its
-median: on a shared machine one pass can be a third slower than the next.
+each server (with --base-revision, another commit's serve/ too); ONNX Runtime spin-waiting on vs off; and a long
+load run with the server's resident memory sampled every 1,000 requests. Every measurement but the load run is
+repeated (--repeats) and reported as its median: on a shared machine one pass can be a third slower than the next.
 """
 
 import argparse
@@ -138,6 +140,24 @@ def server(app: list[str], env: dict[str, str], probe: str) -> Iterator[tuple[in
 def ours(model: Path, **settings: str) -> tuple[list[str], dict[str, str], str, str]:
     env = {"MODEL_URI": str(model), **{k.upper(): v for k, v in settings.items()}}
     return ["serve.app:create_app", "--factory"], env, "/readyz", "/v1/predict"
+
+
+def ours_at(tree: Path, model: Path) -> tuple[list[str], dict[str, str], str, str]:
+    """Our server as another checkout's serve/ has it: uvicorn imports the app from `tree` first."""
+    app, env, probe, path = ours(model)
+    return ["--app-dir", str(tree), *app], env, probe, path
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """A detached git worktree of `revision`, removed afterwards."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], cwd=ROOT, check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
 
 
 def floor(model: Path) -> tuple[list[str], dict[str, str], str, str]:
@@ -275,7 +295,7 @@ def markdown(report: dict) -> str:
         "",
         "Untrained weights (speed does not depend on them). One uvicorn worker per server; the load generator "
         f"runs on the same machine. Every table but the load run shows medians over {report['repeats']} passes: "
-        "in each, the raw model, then at each concurrency the three servers (or the settings compared) in turn, "
+        "in each, the raw model, then at each concurrency the servers (or the settings compared) in turn, "
         "all started beforehand. The machine may be shared, so treat small differences as noise.",
         "",
         "## Raw model, one process",
@@ -399,6 +419,10 @@ def main(argv: list[str] | None = None) -> dict:
         default=True,
         help="compare ONNX Runtime spin-waiting on vs off and one thread vs one per core",
     )
+    parser.add_argument(
+        "--base-revision",
+        help="a git revision whose serve/ joins the comparison (with today's model files), to show a change's cost",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving" / "results")
     args = parser.parse_args(argv)
     if 0 < args.load_requests < 2000:
@@ -407,8 +431,11 @@ def main(argv: list[str] | None = None) -> dict:
     image = test_image()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     report: dict = {"machine": machine, "cores": os.cpu_count(), "repeats": args.repeats, "models": {}}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         files = Path(scratch)
+        base = stack.enter_context(checkout(args.base_revision)) if args.base_revision else None
+        if args.base_revision:
+            report["base_revision"] = args.base_revision
         for name in args.models:
             net = build(name)
             onnx_path = export_like_training(net, files / f"{name}.onnx", name)
@@ -418,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "bare ASGI floor": floor(onnx_path),
                 BASELINE: baseline(name, files / f"{name}.pt"),
             }
+            if base is not None:
+                specs[f"onnx (serve/ at {args.base_revision})"] = ours_at(base, onnx_path)
             passes = []
             with running(specs, image) as servers:  # idle while the raw model is measured
                 for repeat in range(args.repeats):

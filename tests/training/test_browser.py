@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from cifarlab.mlflow_ui import compare_url, runs_url
 from tests.browser import headless_chromium, page_text_once, screenshot
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import TINY, isolated, local_store, run_cli
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real server and browser; it trains a sweep
@@ -25,19 +25,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a real server and br
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A two-job sweep (two learning rates) tracked in a new local store, as the README's sweep runs."""
     out = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
+    uri = local_store(out)
     result = run_cli(
         "train.py",
         "-m",
         "optimizer.lr=0.1,0.2",
-        "trainer.accelerator=cpu",
-        "debug=limit",
-        "model.net.widths=[16,32,32]",
-        f"data.source={SAMPLE}",
-        f"data.prepared_root={out / 'prepared'}",
-        f"paths.runs_dir={out / 'runs'}",
-        f"paths.log_dir={out / 'logs'}",
-        f"logger.tracking_uri={uri}",
+        *TINY,
+        *isolated(out, uri),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import TINY, isolated, run_cli
 
 pytestmark = pytest.mark.slow  # train.py end to end
 
@@ -21,14 +21,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     out = tmp_path_factory.mktemp("console")
     result = run_cli(
         "train.py",
-        "trainer.accelerator=cpu",
-        "debug=limit",
-        "model.net.widths=[16,32,32]",
-        f"data.source={SAMPLE}",
-        f"data.prepared_root={out / 'prepared'}",
-        f"paths.runs_dir={out / 'runs'}",
-        f"paths.log_dir={out / 'logs'}",
-        f"logger.tracking_uri=sqlite:///{out / 'mlruns' / 'mlflow.db'}",
+        *TINY,
+        *isolated(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return (result.stdout + result.stderr).splitlines()

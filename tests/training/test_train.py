@@ -15,7 +15,7 @@ from cifarlab.export.onnx import read_metadata
 from cifarlab.models.module import ImageClassifier
 from cifarlab.train import train
 from cifarlab_contract.classes import CIFAR10_CLASSES
-from tests.conftest import SAMPLE, TINY, run_cli
+from tests.conftest import SAMPLE, TINY, isolated, run_cli
 
 pytestmark = pytest.mark.slow  # trains models end to end
 
@@ -166,10 +166,8 @@ def test_multirun_makes_one_mlflow_run_per_job_tagged_with_the_sweep(tmp_path, t
         "model=airbench,baseline",
         *TINY[:3],
         f"data.source={SAMPLE}",
-        f"logger.tracking_uri={tracking_uri}",
-        f"paths.runs_dir={tmp_path / 'runs'}",
+        *isolated(tmp_path, tracking_uri, prepared_root),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"data.prepared_root={prepared_root}",
         "test=false",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -290,10 +288,8 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tracking_uri, 
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=1",
         *TINY,
-        f"logger.tracking_uri={tracking_uri}",
-        f"paths.runs_dir={tmp_path / 'runs'}",
+        *isolated(tmp_path, tracking_uri, prepared_root),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"data.prepared_root={prepared_root}",
         "test=false",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -31,6 +31,7 @@ from serve.schemas import (
 )
 from serve.service import Service
 from serve.settings import Settings, load_settings
+from serve.v2 import v2_router
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, service=service)  # outermost: it also sees the 413s
     _add_error_handlers(app)
     _add_routes(app, service)
+    app.include_router(v2_router(service))  # the Open Inference Protocol over the same service
     return app
 
 

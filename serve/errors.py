@@ -1,6 +1,7 @@
 """Errors at the edge of the API: ApiError, the refusal handlers raise, and the one table that maps the service's
 domain errors to HTTP statuses. The app answers both as a JSON body with the request id."""
 
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -65,6 +66,18 @@ class ErrorBody(BaseModel):
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, object]:
     return ErrorBody(error=ErrorDetail(code=code, message=message), request_id=request_id).model_dump()
+
+
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serve.v2), whose errors have the protocol's body
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def v2_error_body(message: str) -> bytes:
+    """The Open Inference Protocol's error body, `{"error": "<message>"}`."""
+    return json.dumps({"error": message}).encode()
 
 
 def describe_validation(errors: Any) -> str:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from serve.auth import API_KEY_HEADER, check_api_key
 from serve.errors import DOMAIN_ERRORS, ApiError, ErrorBody, as_api_error, describe_validation, error_body
+from serve.follow import AliasFollower
 from serve.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestContextMiddleware, request_id_of
 from serve.predict import DirectRoute, PredictHandler, TopK
 from serve.preprocess import limit_pillow
@@ -25,6 +26,7 @@ from serve.schemas import (
     ModelRef,
     PredictJSON,
     PredictResponse,
+    Readiness,
     ReloadRequest,
     ReloadResponse,
     Status,
@@ -56,11 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     limit_pillow(settings.max_image_pixels)
     service = Service(settings)
+    follower = AliasFollower(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        follower.start()
         yield
+        await follower.stop()  # no swap may begin while the batchers drain
         await service.stop()  # uvicorn has stopped accepting and finished in-flight requests by now
 
     app = FastAPI(
@@ -75,12 +80,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, service=service)  # outermost: it also sees the 413s
     _add_error_handlers(app)
-    _add_routes(app, service)
+    _add_routes(app, service, follower)
     app.include_router(v2_router(service))  # the Open Inference Protocol over the same service
     return app
 
 
-def _add_routes(app: FastAPI, service: Service) -> None:
+def _add_routes(app: FastAPI, service: Service, follower: AliasFollower) -> None:
     settings = service.settings
 
     async def require_api_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
@@ -173,11 +178,18 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def healthz() -> Status:
         return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status, responses=_errors(503), summary="A model is loaded and warm")
-    async def readyz() -> Status:
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        response_model_exclude_none=True,
+        responses=_errors(503),
+        summary="A model is loaded and warm (and, when following registry aliases, how that goes)",
+    )
+    async def readyz() -> Readiness:
         if not service.ready:
             raise ApiError(503, "not_ready", "no model loaded, or shutting down")
-        return Status(status="ready")
+        # a followed alias whose new version fails to load is shown, not unready: the previous version serves
+        return Readiness(status="ready", following=follower.report())
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="variant name -> {model_uri, weight, shadow} (JSON), for A/B tests; replaces MODEL_URI",
     )
+    model_poll_s: float = Field(
+        30.0,
+        ge=0,
+        description="how often a models:/<name>@<alias> URI's alias is checked; when it names another version, that "
+        "version is loaded, warmed and swapped in (serve.follow). 0: never. Other URIs cannot move and are not polled",
+    )
     client_id_header: str = Field(
         "X-Client-ID", description="the header whose value pins a client to one variant (hashed; optional)"
     )

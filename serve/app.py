@@ -13,7 +13,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from serve.auth import API_KEY_HEADER, check_api_key
-from serve.errors import DOMAIN_ERRORS, ApiError, ErrorBody, as_api_error, describe_validation, error_body
+from serve.errors import (
+    DOMAIN_ERRORS,
+    ApiError,
+    ErrorBody,
+    as_api_error,
+    describe_validation,
+    error_body,
+    retry_headers,
+)
 from serve.follow import AliasFollower
 from serve.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestContextMiddleware, request_id_of
 from serve.predict import DirectRoute, PredictHandler, TopK
@@ -49,7 +57,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "invalid input: not an image, truncated or empty file, bad base64, too many images, bad parameters, "
         "a label outside the model's classes",
         500: "the model call failed for the batch this request was in",
-        503: "not ready: model not loaded, or shutting down",
+        503: "not ready: model not loaded, or shutting down; or overloaded (MAX_LATENCY_MS, MAX_QUEUE: Retry-After)",
     }
     return {status: {"model": ErrorBody, "description": meaning[status]} for status in statuses}
 
@@ -235,7 +243,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request: Request, error: Exception) -> JSONResponse:
         refusal = as_api_error(error)
-        return respond(request, refusal.status, refusal.code, refusal.message)
+        return respond(request, refusal.status, refusal.code, refusal.message, retry_headers(error))
 
     for kind in DOMAIN_ERRORS:
         app.add_exception_handler(kind, domain_error)

@@ -2,12 +2,13 @@
 domain errors to HTTP statuses. The app answers both as a JSON body with the request id."""
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from serve.batching import BatchFailed, ShuttingDown
+from serve.batching import BatchFailed, Overloaded, ShuttingDown
 from serve.feedback import ConflictingFeedback, FeedbackError, UnknownRequest
 from serve.preprocess import EmptyImage, ImageTooLarge, InvalidImage
 from serve.service import FeedbackDisabled, NotReady, ReloadFailed, UnknownVariant, VariantRequired
@@ -34,6 +35,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     InvalidImage: (422, "invalid_image"),
     BatchFailed: (500, "inference_failed"),
     ShuttingDown: (503, "shutting_down"),
+    Overloaded: (503, "overloaded"),
     NotReady: (503, "not_ready"),
     UnknownVariant: (404, "unknown_variant"),
     VariantRequired: (422, "variant_required"),
@@ -43,6 +45,13 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ConflictingFeedback: (409, "conflicting_feedback"),
     FeedbackError: (422, "invalid_feedback"),
 }
+
+
+def retry_headers(error: Exception) -> dict[str, str] | None:
+    """Retry-After for a shed request (whole seconds, at least 1)."""
+    if isinstance(error, Overloaded):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return None
 
 
 def as_api_error(error: Exception) -> ApiError:

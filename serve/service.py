@@ -12,7 +12,7 @@ import numpy as np
 
 from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord, feedback_key
-from serve.batching import BatchFailed, MicroBatcher, ShuttingDown
+from serve.batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
 from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
 from serve.json_logs import get_logger
@@ -62,7 +62,12 @@ class Variant:
         self.model: LoadedModel | None = None
         self.drift: DriftMonitor | None = None
         self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
-            self._infer, settings.max_batch_size, settings.max_wait_ms, record=self._record
+            self._infer,
+            settings.max_batch_size,
+            settings.max_wait_ms,
+            record=self._record,
+            max_latency_ms=settings.max_latency_ms,
+            max_queue=settings.max_queue,
         )
 
     def current(self) -> LoadedModel:
@@ -163,7 +168,11 @@ class Service:
         """Class probabilities for uint8 images [N, 32, 32, 3] from the named variant; shadow variants get a copy
         off the response path. With feedback on, the images are kept for a later true label."""
         variant = self.variants[variant_name]
-        logits, model = await variant.batcher.submit(images)
+        try:
+            logits, model = await variant.batcher.submit(images)
+        except Overloaded:
+            self.metrics.shed.labels(variant=variant_name).inc()
+            raise
         probabilities = softmax(logits)
         if self.recent is not None:
             self._remember(request_id, images, probabilities, model, variant_name)
@@ -238,7 +247,11 @@ class Service:
     async def _shadow(self, name: str, images: np.ndarray, request_id: str) -> None:
         try:
             logits, model = await self.variants[name].batcher.submit(images)
-        except (BatchFailed, ShuttingDown) as error:  # a shadow's failure never reaches the client; it is logged
+        except (
+            BatchFailed,
+            ShuttingDown,
+            Overloaded,
+        ) as error:  # a shadow's failure never reaches the client; it is logged
             self.log.warning(
                 "shadow prediction failed", extra={"variant": name, "request_id": request_id, "reason": str(error)}
             )

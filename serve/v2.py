@@ -22,7 +22,7 @@ from starlette.routing import Match
 
 from cifarlab_contract.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from serve.auth import API_KEY_HEADER, check_api_key
-from serve.errors import ApiError, as_api_error, describe_validation, v2_error_body
+from serve.errors import ApiError, as_api_error, describe_validation, retry_headers, v2_error_body
 from serve.middleware import request_id_of
 from serve.service import Answer, Service, Variant
 
@@ -99,7 +99,7 @@ def _refusal(request: Request, error: Exception) -> Response:
     except KeyError:
         request.app.state.service.log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
         return error_response(500, "internal error; see the server log for this request id")
-    return error_response(refusal.status, refusal.message)
+    return error_response(refusal.status, refusal.message, retry_headers(error))
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -115,7 +115,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "body over the size limit",
         415: "unsupported Content-Encoding",
         500: "the model call failed for the batch this request was in",
-        503: "not ready: shutting down",
+        503: "shutting down, or overloaded (Retry-After)",
     }
     schema = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
     return {s: {"description": meaning[s], "content": {"application/json": {"schema": schema}}} for s in statuses}

@@ -14,7 +14,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from serve.auth import API_KEY_HEADER, check_api_key
-from serve.errors import DOMAIN_ERRORS, ApiError, ErrorBody, as_api_error, describe_validation, error_body
+from serve.errors import (
+    DOMAIN_ERRORS,
+    ApiError,
+    ErrorBody,
+    as_api_error,
+    describe_validation,
+    error_body,
+    retry_headers,
+)
+from serve.follow import AliasFollower
 from serve.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestContextMiddleware, request_id_of
 from serve.predict import DirectRoute, PredictHandler, TopK
 from serve.preprocess import limit_pillow
@@ -26,12 +35,14 @@ from serve.schemas import (
     ModelRef,
     PredictJSON,
     PredictResponse,
+    Readiness,
     ReloadRequest,
     ReloadResponse,
     Status,
 )
 from serve.service import Service
 from serve.settings import Settings, load_settings
+from serve.v2 import v2_router
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -47,7 +58,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "invalid input: not an image, truncated or empty file, bad base64, too many images, bad parameters, "
         "a label outside the model's classes",
         500: "the model call failed for the batch this request was in",
-        503: "not ready: model not loaded, or shutting down",
+        503: "not ready: model not loaded, or shutting down; or overloaded (MAX_LATENCY_MS, MAX_QUEUE: Retry-After)",
     }
     return {status: {"model": ErrorBody, "description": meaning[status]} for status in statuses}
 
@@ -56,11 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     limit_pillow(settings.max_image_pixels)
     service = Service(settings)
+    follower = AliasFollower(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        follower.start()
         yield
+        await follower.stop()  # no swap may begin while the batchers drain
         await service.stop()  # uvicorn has stopped accepting and finished in-flight requests by now
 
     app = FastAPIOffline(  # FastAPI, with /docs and /redoc served from local assets
@@ -75,11 +89,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, service=service)  # outermost: it also sees the 413s
     _add_error_handlers(app)
-    _add_routes(app, service)
+    _add_routes(app, service, follower)
+    app.include_router(v2_router(service))  # the Open Inference Protocol over the same service
     return app
 
 
-def _add_routes(app: FastAPI, service: Service) -> None:
+def _add_routes(app: FastAPI, service: Service, follower: AliasFollower) -> None:
     settings = service.settings
 
     async def require_api_key(key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
@@ -172,11 +187,18 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def healthz() -> Status:
         return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status, responses=_errors(503), summary="A model is loaded and warm")
-    async def readyz() -> Status:
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        response_model_exclude_none=True,
+        responses=_errors(503),
+        summary="A model is loaded and warm (and, when following registry aliases, how that goes)",
+    )
+    async def readyz() -> Readiness:
         if not service.ready:
             raise ApiError(503, "not_ready", "no model loaded, or shutting down")
-        return Status(status="ready")
+        # a followed alias whose new version fails to load is shown, not unready: the previous version serves
+        return Readiness(status="ready", following=follower.report())
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:
@@ -222,7 +244,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request: Request, error: Exception) -> JSONResponse:
         refusal = as_api_error(error)
-        return respond(request, refusal.status, refusal.code, refusal.message)
+        return respond(request, refusal.status, refusal.code, refusal.message, retry_headers(error))
 
     for kind in DOMAIN_ERRORS:
         app.add_exception_handler(kind, domain_error)

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -39,6 +40,38 @@ class ShuttingDown(Exception):
     """The batcher has stopped taking work, or stopped before a queued request ran."""
 
 
+class Overloaded(Exception):
+    """Refused at once, before queueing: the queue is full, or the request would not be answered within the
+    latency objective. `retry_after_s`: when the queue ahead of it should have drained."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BatchTimes:
+    """Batch seconds ≈ a·n + b, fitted by least squares to the last `window` batches (BentoML's dispatcher
+    models its batches the same way). Appended to by the worker thread, read by the event loop: a deque's append
+    and copy are atomic."""
+
+    def __init__(self, window: int = 64) -> None:
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, size: int, seconds: float) -> None:
+        self._samples.append((size, seconds))
+
+    def estimate(self, size: int) -> float | None:
+        """Seconds for a batch of `size` images; None before any batch ran."""
+        samples = list(self._samples)
+        if not samples:
+            return None
+        sizes, seconds = np.array(samples, dtype=np.float64).T
+        if np.ptp(sizes) == 0:  # one batch size seen: proportional, the best a single size allows
+            return float(seconds.mean() / sizes.mean() * size)
+        a, b = np.polyfit(sizes, seconds, 1)
+        return float(max(a, 0.0) * size + max(b, 0.0))
+
+
 @dataclass
 class _Item(Generic[T]):
     images: np.ndarray
@@ -47,12 +80,26 @@ class _Item(Generic[T]):
 
 class MicroBatcher(Generic[T]):
     def __init__(
-        self, infer: Infer[T], max_batch_size: int, max_wait_ms: float, record: Record[T] | None = None
+        self,
+        infer: Infer[T],
+        max_batch_size: int,
+        max_wait_ms: float,
+        record: Record[T] | None = None,
+        max_latency_ms: float | None = None,
+        max_queue: int | None = None,
     ) -> None:
         self._infer = infer
         self._record = record
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
+        # Load shedding: a request that the fitted batch times say cannot be answered within `max_latency`, or
+        # that finds `max_queue` requests waiting, is refused at once (Overloaded) instead of queueing.
+        self.max_latency = None if max_latency_ms is None else max_latency_ms / 1000
+        self.max_queue = max_queue
+        self.times = BatchTimes()
+        self._waiting_images = 0  # images queued and not yet taken into a batch
+        self._running: tuple[int, float] | None = None  # (images, perf_counter at start) of the batch running
+        self._count_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item[T] | None] = queue.SimpleQueue()
         # taken from the queue but left for the next batch: the worker's, except when stop() times out while
         # the worker is stuck in a model call and fails it with the rest of the queue
@@ -91,9 +138,39 @@ class MicroBatcher(Generic[T]):
         ShuttingDown once the batcher is stopping."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another instance")
+        self._admit(len(images))
         future: asyncio.Future[tuple[np.ndarray, T]] = asyncio.get_running_loop().create_future()
+        with self._count_lock:
+            self._waiting_images += len(images)
         self._queue.put(_Item(images, future))
         return await future
+
+    def expected_latency(self, images: int) -> float | None:
+        """Seconds until a request of `images` images queued now would be answered: what is left of the running
+        batch, then the queued images and these in full batches; None before any batch has been timed."""
+        full = self.times.estimate(self.max_batch_size)
+        if full is None:
+            return None
+        batches, rest = divmod(self._waiting_images + images, self.max_batch_size)
+        seconds = batches * full + ((self.times.estimate(rest) or 0.0) if rest else 0.0)
+        running = self._running
+        if running is not None:
+            seconds += max((self.times.estimate(running[0]) or 0.0) - (time.perf_counter() - running[1]), 0.0)
+        return seconds
+
+    def _admit(self, images: int) -> None:
+        if self.max_queue is not None and self.backlog >= self.max_queue:
+            wait = self.expected_latency(0) or 1.0
+            raise Overloaded(f"{self.backlog} requests are queued, the most allowed; retry later", wait)
+        if self.max_latency is None:
+            return
+        expected = self.expected_latency(images)
+        if expected is not None and expected > self.max_latency:
+            raise Overloaded(
+                f"the server cannot answer within {self.max_latency * 1000:.0f} ms now (about "
+                f"{expected * 1000:.0f} ms of work is ahead); retry later",
+                expected - self.max_latency,
+            )
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, finish everything queued, then stop the worker thread."""
@@ -144,13 +221,19 @@ class MicroBatcher(Generic[T]):
 
     def _run(self, batch: list[_Item[T]]) -> None:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
+        with self._count_lock:
+            self._waiting_images -= len(images)
         try:
             started = time.perf_counter()
+            self._running = (len(images), started)
             outputs, tag = self._infer(images)
             seconds = time.perf_counter() - started
+            self._running = None
+            self.times.add(len(images), seconds)
             if len(outputs) != len(images):
                 raise ValueError(f"the model returned {len(outputs)} rows for {len(images)} images")
         except Exception as error:
+            self._running = None
             failure = BatchFailed(f"inference failed for a batch of {len(images)} images: {error}")
             self._call_on_loop(self._fail, batch, failure)
             return

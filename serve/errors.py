@@ -1,12 +1,14 @@
 """Errors at the edge of the API: ApiError, the refusal handlers raise, and the one table that maps the service's
 domain errors to HTTP statuses. The app answers both as a JSON body with the request id."""
 
+import json
+import math
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from serve.batching import BatchFailed, ShuttingDown
+from serve.batching import BatchFailed, Overloaded, ShuttingDown
 from serve.feedback import ConflictingFeedback, FeedbackError, UnknownRequest
 from serve.preprocess import EmptyImage, ImageTooLarge, InvalidImage
 from serve.service import FeedbackDisabled, NotReady, ReloadFailed, UnknownVariant, VariantRequired
@@ -33,6 +35,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     InvalidImage: (422, "invalid_image"),
     BatchFailed: (500, "inference_failed"),
     ShuttingDown: (503, "shutting_down"),
+    Overloaded: (503, "overloaded"),
     NotReady: (503, "not_ready"),
     UnknownVariant: (404, "unknown_variant"),
     VariantRequired: (422, "variant_required"),
@@ -42,6 +45,13 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ConflictingFeedback: (409, "conflicting_feedback"),
     FeedbackError: (422, "invalid_feedback"),
 }
+
+
+def retry_headers(error: Exception) -> dict[str, str] | None:
+    """Retry-After for a shed request (whole seconds, at least 1)."""
+    if isinstance(error, Overloaded):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return None
 
 
 def as_api_error(error: Exception) -> ApiError:
@@ -65,6 +75,18 @@ class ErrorBody(BaseModel):
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, object]:
     return ErrorBody(error=ErrorDetail(code=code, message=message), request_id=request_id).model_dump()
+
+
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serve.v2), whose errors have the protocol's body
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def v2_error_body(message: str) -> bytes:
+    """The Open Inference Protocol's error body, `{"error": "<message>"}`."""
+    return json.dumps({"error": message}).encode()
 
 
 def describe_validation(errors: Any) -> str:

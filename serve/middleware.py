@@ -11,7 +11,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifarlab_contract.feedback import REQUEST_ID_PATTERN
-from serve.errors import ApiError, error_body
+from serve.errors import ApiError, error_body, is_v2, v2_error_body
 from serve.model import ModelLoadError
 from serve.service import Service
 
@@ -124,7 +124,10 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, error: ApiError) -> None:
-        body = json.dumps(error_body(error.code, error.message, request_id_of(scope))).encode()
+        if is_v2(scope["path"]):
+            body = v2_error_body(error.message)
+        else:
+            body = json.dumps(error_body(error.code, error.message, request_id_of(scope))).encode()
         await send_json(send, error.status, body)
 
 

@@ -2,13 +2,14 @@
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from cifarlab_contract.alias_history import AliasMove, alias_history
 from cifarlab_contract.drift import InvalidReference, Reference
 from cifarlab_contract.files import file_sha256
 from cifarlab_contract.model import (
@@ -27,6 +28,7 @@ from cifarlab_contract.model import (
 from serve.settings import Settings
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+HISTORY_SHOWN = 20  # the latest moves of an alias that a loaded model carries
 
 
 class ModelLoadError(Exception):
@@ -38,6 +40,7 @@ class ModelSource:
     path: Path
     name: str
     version: str | None
+    alias_history: tuple[AliasMove, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class LoadedModel:
     metadata: dict[str, str]
     reference: Reference | None  # drift reference statistics, when the export embedded them
     loaded_at: float = field(default_factory=time.time)
+    alias_history: tuple[AliasMove, ...] = ()  # the moves of a models:/<name>@<alias> URI's alias, oldest first
 
     @property
     def run_id(self) -> str:
@@ -78,6 +82,7 @@ class LoadedModel:
             "data_manifest_sha256": self.metadata.get(DATA_MANIFEST_KEY, ""),
             "drift_reference": self.reference is not None,
             "loaded_at": self.loaded_at,
+            "alias_history": [asdict(move) for move in self.alias_history],
         }
 
 
@@ -107,6 +112,7 @@ def load_model(uri: str, settings: Settings) -> LoadedModel:
         classes=classes,
         metadata=metadata,
         reference=reference,
+        alias_history=source.alias_history,
     )
     warm_up(model, settings.max_batch_size)
     return model
@@ -151,11 +157,14 @@ def _resolve_mlflow(uri: str) -> ModelSource:
             "or mount the .onnx file and give its path"
         ) from error
     name, version = None, None
+    history: tuple[AliasMove, ...] = ()
     if uri.startswith("models:/"):
         name, _, ref = uri.removeprefix("models:/").partition("@")
         try:
             if ref:
-                version = MlflowClient().get_model_version_by_alias(name, ref).version
+                client = MlflowClient()
+                version = client.get_model_version_by_alias(name, ref).version
+                history = tuple(alias_history(client.get_registered_model(name).tags, ref)[-HISTORY_SHOWN:])
             else:
                 name, _, version = name.partition("/")
         except Exception as error:
@@ -167,7 +176,7 @@ def _resolve_mlflow(uri: str) -> ModelSource:
     files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
     if len(files) != 1:
         raise ModelLoadError(f"{uri} holds {len(files)} .onnx files; expected exactly one")
-    return ModelSource(files[0], name or files[0].stem, str(version) if version else None)
+    return ModelSource(files[0], name or files[0].stem, str(version) if version else None, history)
 
 
 def _check_contract(session: ort.InferenceSession, metadata: dict[str, str], uri: str) -> tuple[str, ...]:

@@ -57,6 +57,9 @@ class Metrics:
             ["variant"],
             registry=r,
         )
+        self.shed = Counter(
+            "cifarlab_shed_total", "requests refused at once: over MAX_LATENCY_MS or MAX_QUEUE", ["variant"], registry=r
+        )
         self.reloads = Counter(
             "cifarlab_model_reloads_total", "model reloads by result", ["variant", "result"], registry=r
         )

@@ -46,6 +46,16 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class AliasMove(BaseModel):
+    alias: str
+    from_version: str = Field(description="`none` when the alias named no version before")
+    to_version: str
+    by: str
+    at: str = Field(description="ISO 8601, UTC")
+    why: str
+    via: str = Field(description="the command that moved it")
+
+
 class ModelInfo(ModelRef):
     variant: str
     shadow: bool = Field(description="the variant scores copies of requests and answers none")
@@ -59,10 +69,20 @@ class ModelInfo(ModelRef):
     data_manifest_sha256: str
     drift_reference: bool = Field(description="the model carries reference statistics: drift is monitored")
     loaded_at: float = Field(description="Unix time of the load")
+    alias_history: list[AliasMove] = Field(
+        default_factory=list,
+        description="for a models:/<name>@<alias> URI: the alias's latest moves in the registry, oldest first",
+    )
 
 
 class Status(BaseModel):
     status: str
+
+
+class Readiness(Status):
+    following: dict[str, dict[str, Any]] | None = Field(
+        None, description="per variant following a registry alias: the versions, the last check, a failing load"
+    )
 
 
 class ReloadRequest(BaseModel):

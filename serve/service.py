@@ -12,7 +12,7 @@ import numpy as np
 
 from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord, feedback_key
-from serve.batching import BatchFailed, MicroBatcher, ShuttingDown
+from serve.batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
 from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
 from serve.json_logs import get_logger
@@ -50,6 +50,7 @@ class Answer:
     probabilities: np.ndarray  # [N, classes]
     model: LoadedModel
     variant: str
+    logits: np.ndarray  # [N, classes], what the model computed (the v2 API answers them)
 
 
 class Variant:
@@ -61,7 +62,12 @@ class Variant:
         self.model: LoadedModel | None = None
         self.drift: DriftMonitor | None = None
         self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
-            self._infer, settings.max_batch_size, settings.max_wait_ms, record=self._record
+            self._infer,
+            settings.max_batch_size,
+            settings.max_wait_ms,
+            record=self._record,
+            max_latency_ms=settings.max_latency_ms,
+            max_queue=settings.max_queue,
         )
 
     def current(self) -> LoadedModel:
@@ -81,12 +87,14 @@ class Variant:
         return self.drift.report()
 
     def _infer(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
-        """Runs on the batcher's worker thread: the model call and softmax."""
+        """Runs on the batcher's worker thread: the model call. Logits, not probabilities, so that a request can
+        have both; softmax is row-wise and costs microseconds, so each request takes its own (Service.predict)."""
         model = self.current()  # read once: the whole batch runs on one model
-        return softmax(model.logits(images)), model
+        return model.logits(images), model
 
-    def _record(self, images: np.ndarray, probabilities: np.ndarray, model: LoadedModel, seconds: float) -> None:
+    def _record(self, images: np.ndarray, logits: np.ndarray, model: LoadedModel, seconds: float) -> None:
         """After the batch's answers: metrics and the drift window."""
+        probabilities = softmax(logits)
         self.metrics.inference_duration.labels(variant=self.name).observe(seconds)
         self.metrics.batch_size.labels(variant=self.name).observe(len(images))
         self.metrics.record_predictions(self.name, model.classes, probabilities)
@@ -160,7 +168,12 @@ class Service:
         """Class probabilities for uint8 images [N, 32, 32, 3] from the named variant; shadow variants get a copy
         off the response path. With feedback on, the images are kept for a later true label."""
         variant = self.variants[variant_name]
-        probabilities, model = await variant.batcher.submit(images)
+        try:
+            logits, model = await variant.batcher.submit(images)
+        except Overloaded:
+            self.metrics.shed.labels(variant=variant_name).inc()
+            raise
+        probabilities = softmax(logits)
         if self.recent is not None:
             self._remember(request_id, images, probabilities, model, variant_name)
         for shadow in self.router.shadows:
@@ -171,7 +184,7 @@ class Service:
                 task = self._in_background(self._shadow(shadow, images, request_id))
                 if self.recent is not None:
                     self._track_shadow(request_id, task)
-        return Answer(probabilities, model, variant_name)
+        return Answer(probabilities, model, variant_name, logits)
 
     async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:
         if self.feedback is None or self.recent is None:
@@ -233,14 +246,18 @@ class Service:
 
     async def _shadow(self, name: str, images: np.ndarray, request_id: str) -> None:
         try:
-            probabilities, model = await self.variants[name].batcher.submit(images)
-        except (BatchFailed, ShuttingDown) as error:  # a shadow's failure never reaches the client; it is logged
+            logits, model = await self.variants[name].batcher.submit(images)
+        except (
+            BatchFailed,
+            ShuttingDown,
+            Overloaded,
+        ) as error:  # a shadow's failure never reaches the client; it is logged
             self.log.warning(
                 "shadow prediction failed", extra={"variant": name, "request_id": request_id, "reason": str(error)}
             )
             return
         if self.recent is not None:
-            for index, best in enumerate(probabilities.argmax(axis=1)):
+            for index, best in enumerate(logits.argmax(axis=1)):  # the argmax of the probabilities too
                 self.recent.add_shadow(feedback_key(request_id, index), name, model.classes[best], model.version)
 
     def _in_background(self, coroutine: Any) -> asyncio.Task[None]:

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0, ge=0, description="how long a batch waits for requests already arriving before it runs"
     )
+    max_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        description="load shedding: a request whose expected answer time (the batcher's fitted batch times and the "
+        "queue ahead) exceeds this is refused at once with 503 and Retry-After; unset: never",
+    )
+    max_queue: int = Field(1024, gt=0, description="requests waiting for a batch, per variant, beyond which 503")
     default_top_k: int = Field(3, gt=0, description="probabilities returned per image unless ?top_k= says otherwise")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per call; 0: one per core")
     ort_spin_wait: bool = Field(
@@ -54,6 +61,12 @@ class Settings(BaseSettings):
     variants: dict[str, VariantSpec] = Field(
         default_factory=dict,
         description="variant name -> {model_uri, weight, shadow} (JSON), for A/B tests; replaces MODEL_URI",
+    )
+    model_poll_s: float = Field(
+        30.0,
+        ge=0,
+        description="how often a models:/<name>@<alias> URI's alias is checked; when it names another version, that "
+        "version is loaded, warmed and swapped in (serve.follow). 0: never. Other URIs cannot move and are not polled",
     )
     client_id_header: str = Field(
         "X-Client-ID", description="the header whose value pins a client to one variant (hashed; optional)"

@@ -254,7 +254,14 @@ def promote(args: argparse.Namespace, report: dict, tested_version: str | None) 
         "champion_score": f"{comparison['champion']['accuracy']:.6f}",
     }
     previous = promote_version(
-        registry.tracking_uri, name, tested_version, evidence, registry.champion_alias, registry.challenger_alias
+        registry.tracking_uri,
+        name,
+        tested_version,
+        evidence,
+        registry.champion_alias,
+        registry.challenger_alias,
+        why=f"A/B test: {recommendation['reason']}",
+        via="scripts/ab_report.py --promote",
     )
     return {
         "promoted": True,

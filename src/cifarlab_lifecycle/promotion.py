@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
+from cifarlab_contract.alias_history import NONE, AliasMove, history_tag, now
 from cifarlab_lifecycle.registry import (
     RegistryError,
     aliased,
@@ -68,7 +69,14 @@ def promote(cfg: DictConfig) -> Decision:
     }
     if promoted:
         promote_version(
-            cfg.tracking_uri, cfg.model_name, challenger.version, evidence, cfg.champion_alias, cfg.challenger_alias
+            cfg.tracking_uri,
+            cfg.model_name,
+            challenger.version,
+            evidence,
+            cfg.champion_alias,
+            cfg.challenger_alias,
+            why=decision.describe(cfg.model_name, cfg.metric, cfg.margin),
+            via="scripts/promote.py",
         )
     else:
         rejected = {"decision": "rejected", "champion_version": champion_version, **evidence}
@@ -84,9 +92,12 @@ def promote_version(
     evidence: Mapping[str, str],
     champion_alias: str,
     challenger_alias: str,
+    why: str = "",
+    via: str = "",
 ) -> str | None:
     """Move `champion_alias` of `name` to `version` and record it as `promotion.*` tags on that version: `evidence`
-    plus the previous champion, who and when.
+    plus the previous champion, who and when; and as a move in the alias history (cifarlab_contract.alias_history),
+    which a server following the alias shows, with `why` (the decision in a sentence) and `via` (the command).
 
     `version` must be the one `challenger_alias` names, so that what was tested is what gets promoted. Returns the
     previous champion's version (None if there was none). A refusal changes nothing.
@@ -102,7 +113,16 @@ def promote_version(
     previous = None if champion is None else str(champion.version)
     if previous == str(version):
         raise RegistryError(f"{name} version {version} is already {champion_alias!r}: nothing to promote")
-    client.set_registered_model_alias(name, champion_alias, str(version))
     tags = stamped("promotion", {"decision": "promoted", "champion_version": previous or "none", **evidence})
+    # The history first: a server following the alias reads it when it loads the version the alias names
+    key, value = history_tag(
+        AliasMove(champion_alias, previous or NONE, str(version), tags["promotion.by"], now(), why, via)
+    )
+    client.set_registered_model_tag(name, key, value)
+    try:
+        client.set_registered_model_alias(name, champion_alias, str(version))
+    except Exception:
+        client.delete_registered_model_tag(name, key)  # the move did not happen
+        raise
     tag_version(client, name, str(version), tags)
     return previous

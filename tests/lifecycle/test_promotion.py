@@ -13,6 +13,7 @@ from torch import nn
 
 from cifarlab.export.onnx import export_onnx, read_metadata
 from cifarlab.tracking import log_run_end, mlflow_logger
+from cifarlab_contract.alias_history import alias_history
 from cifarlab_contract.model import contract_metadata
 from cifarlab_lifecycle.promotion import promote
 from cifarlab_lifecycle.registry import RegistryError
@@ -132,6 +133,12 @@ def test_promotion_follows_the_scores_and_the_margin(mlflow_server, promote_cfg,
     assert tags["promotion.decision"] == "promoted" and tags["promotion.metric"] == "recall/airplane"
     assert (tags["promotion.challenger_score"], tags["promotion.champion_score"]) == ("1.000000", "0.000000")
     assert tags["promotion.champion_version"] == first and tags["promotion.by"] and tags["promotion.at"]
+    # the alias history: both moves, oldest first, not the rejection
+    history = alias_history(MlflowClient(mlflow_server).get_registered_model(name).tags, CHAMPION_ALIAS)
+    assert [(m.from_version, m.to_version) for m in history] == [("none", first), (first, better)]
+    assert all(m.via == "scripts/promote.py" and m.by == tags["promotion.by"] for m in history)
+    assert history[1].why == decision.describe(name, "recall/airplane", 0.5)
+    assert history[1].why.startswith(f"promoted {name} version {better} (recall/airplane 1.0000) to champion")
 
     worse = register(mlflow_server, name, always["truck"])
     decision = promote(promote_cfg(name, "metric=recall/airplane"))
@@ -219,6 +226,9 @@ def test_ab_report_promotes_only_the_tested_challenger(mlflow_server, always, tm
     assert tags["promotion.method"] == "ab_test (independent, two-proportion z-test)"
     assert float(tags["promotion.p_value"]) == pytest.approx(better["comparison"]["p_value"], rel=1e-5)
     assert tags["promotion.samples"] == "1200" and tags["promotion.by"] and tags["promotion.at"]
+    (move,) = alias_history(MlflowClient(mlflow_server).get_registered_model(name).tags, CHAMPION_ALIAS)
+    assert (move.from_version, move.to_version, move.via) == (champion, challenger, "scripts/ab_report.py --promote")
+    assert move.why == f"A/B test: {better['recommendation']['reason']}"
 
     with pytest.raises(SystemExit):  # the same evidence again: already the champion
         ab_report(["--feedback", str(tmp_path / f"v{challenger}-270"), *promote_args])

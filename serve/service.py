@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cifarlab_contract.drift import softmax
-from cifarlab_contract.feedback import FeedbackRecord, feedback_key
+from cifarlab_contract.feedback import FeedbackRecord, new_prediction_id
 from serve.batching import BatchFailed, MicroBatcher, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
 from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
@@ -50,6 +50,7 @@ class Answer:
     probabilities: np.ndarray  # [N, classes]
     model: LoadedModel
     variant: str
+    prediction_ids: tuple[str, ...] = ()  # one per image, issued here: what feedback names
 
 
 class Variant:
@@ -112,7 +113,7 @@ class Service:
         self.feedback: FeedbackStore | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
-        self._shadowing: dict[str, set[asyncio.Task[None]]] = {}  # request id -> its shadow copies still running
+        self._shadowing: dict[str, set[asyncio.Task[None]]] = {}  # prediction id -> its shadow copies still running
         self.metrics.registry.register(DriftCollector(self.drift_monitors))
 
     @property
@@ -158,28 +159,30 @@ class Service:
 
     async def predict(self, images: np.ndarray, variant_name: str, request_id: str) -> Answer:
         """Class probabilities for uint8 images [N, 32, 32, 3] from the named variant; shadow variants get a copy
-        off the response path. With feedback on, the images are kept for a later true label."""
+        off the response path. Each image gets a new prediction id; with feedback on, the images are kept under it
+        for a later true label. `request_id` only goes into the records, for correlating logs."""
         variant = self.variants[variant_name]
         probabilities, model = await variant.batcher.submit(images)
+        ids = tuple(new_prediction_id() for _ in range(len(images)))
         if self.recent is not None:
-            self._remember(request_id, images, probabilities, model, variant_name)
+            self._remember(ids, request_id, images, probabilities, model, variant_name)
         for shadow in self.router.shadows:
             # A shadow never slows the answers down: past a few batches of backlog, its copies are dropped.
             if self.variants[shadow].batcher.backlog > SHADOW_BACKLOG:
                 self.metrics.shadow_dropped.labels(variant=shadow).inc()
             else:
-                task = self._in_background(self._shadow(shadow, images, request_id))
+                task = self._in_background(self._shadow(shadow, images, ids, request_id))
                 if self.recent is not None:
-                    self._track_shadow(request_id, task)
-        return Answer(probabilities, model, variant_name)
+                    self._track_shadow(ids, task)
+        return Answer(probabilities, model, variant_name, ids)
 
-    async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:
+    async def submit_feedback(self, prediction_id: str, label: str) -> tuple[FeedbackRecord, bool]:
         if self.feedback is None or self.recent is None:
             raise FeedbackDisabled("feedback is off on this server: start it with FEEDBACK_DIR set")
-        if shadows := self._shadowing.get(request_id):
+        if shadows := self._shadowing.get(prediction_id):
             # feedback sent right after the answer: the record also scores what the shadows predict
             await asyncio.wait(set(shadows), timeout=SHADOW_FEEDBACK_WAIT_S)
-        return await asyncio.to_thread(self.feedback.submit, request_id, label, self.recent, image_index)
+        return await asyncio.to_thread(self.feedback.submit, prediction_id, label, self.recent)
 
     def variant(self, name: str | None) -> Variant:
         """A variant by name (default: the first answering one); UnknownVariant for a name not configured."""
@@ -222,16 +225,23 @@ class Service:
             raise ModelLoadError(f"{model.uri} predicts {list(model.classes)}, the other variants {list(self.classes)}")
 
     def _remember(
-        self, request_id: str, images: np.ndarray, probabilities: np.ndarray, model: LoadedModel, variant: str
+        self,
+        ids: tuple[str, ...],
+        request_id: str,
+        images: np.ndarray,
+        probabilities: np.ndarray,
+        model: LoadedModel,
+        variant: str,
     ) -> None:
         assert self.recent is not None
-        for index, (image, row) in enumerate(zip(images, probabilities, strict=True)):
+        for index, (prediction_id, image, row) in enumerate(zip(ids, images, probabilities, strict=True)):
             best = int(row.argmax())
+            predicted, confidence = model.classes[best], float(row[best])
             self.recent.add(
-                Prediction(request_id, image, model.classes[best], float(row[best]), variant, model.version, index)
+                Prediction(prediction_id, image, predicted, confidence, variant, model.version, request_id, index)
             )
 
-    async def _shadow(self, name: str, images: np.ndarray, request_id: str) -> None:
+    async def _shadow(self, name: str, images: np.ndarray, ids: tuple[str, ...], request_id: str) -> None:
         try:
             probabilities, model = await self.variants[name].batcher.submit(images)
         except (BatchFailed, ShuttingDown) as error:  # a shadow's failure never reaches the client; it is logged
@@ -240,8 +250,8 @@ class Service:
             )
             return
         if self.recent is not None:
-            for index, best in enumerate(probabilities.argmax(axis=1)):
-                self.recent.add_shadow(feedback_key(request_id, index), name, model.classes[best], model.version)
+            for prediction_id, best in zip(ids, probabilities.argmax(axis=1), strict=True):
+                self.recent.add_shadow(prediction_id, name, model.classes[best], model.version)
 
     def _in_background(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -249,14 +259,16 @@ class Service:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _track_shadow(self, request_id: str, task: asyncio.Task[None]) -> None:
-        running = self._shadowing.setdefault(request_id, set())
-        running.add(task)
+    def _track_shadow(self, ids: tuple[str, ...], task: asyncio.Task[None]) -> None:
+        for prediction_id in ids:
+            self._shadowing.setdefault(prediction_id, set()).add(task)
 
         def forget(done: asyncio.Task[None]) -> None:
-            running.discard(done)
-            if not running:  # the last copy of this request: a later request with the same id starts a new set
-                del self._shadowing[request_id]
+            for prediction_id in ids:
+                running = self._shadowing.get(prediction_id, set())
+                running.discard(done)
+                if not running:  # the last shadow copy of this image
+                    self._shadowing.pop(prediction_id, None)
 
         task.add_done_callback(forget)
 

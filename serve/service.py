@@ -108,6 +108,8 @@ class Service:
         self.default_variant = next(name for name, spec in specs.items() if not spec.shadow)
         for name in self.router.shadows:
             self.metrics.shadow_dropped.labels(variant=name)  # a series from the start: 0 until a drop
+        for name in self.variants:
+            self.metrics.model_ready.labels(variant=name).set(0)  # until its model is loaded and warm
         self.classes: tuple[str, ...] = ()
         self.recent: RecentPredictions | None = None
         self.feedback: FeedbackStore | None = None
@@ -204,6 +206,8 @@ class Service:
                 self._check_classes(new)
             except ModelLoadError as error:
                 self.metrics.reloads.labels(variant=variant.name, result="failure").inc()
+                # not the model asked for: the old one answers, and the CifarlabModelNotReady alert says so
+                self.metrics.model_ready.labels(variant=variant.name).set(0)
                 self.log.error(
                     "reload failed; the previous model keeps serving",
                     extra={"variant": variant.name, "reason": str(error)},

@@ -14,9 +14,10 @@ from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord, new_prediction_id
 from serve.batching import BatchFailed, MicroBatcher, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
-from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
+from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions, UnknownPrediction
 from serve.json_logs import get_logger
 from serve.model import LoadedModel, ModelLoadError, load_model
+from serve.predlog import LoggedPrediction, PredictionLog, PredictionLogUnavailable, timestamp
 from serve.prometheus_metrics import Metrics
 from serve.settings import Settings
 from serve.variants import VariantRouter, VariantSpec
@@ -113,6 +114,7 @@ class Service:
         self.classes: tuple[str, ...] = ()
         self.recent: RecentPredictions | None = None
         self.feedback: FeedbackStore | None = None
+        self.prediction_log: PredictionLog | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self._shadowing: dict[str, set[asyncio.Task[None]]] = {}  # prediction id -> its shadow copies still running
@@ -131,6 +133,8 @@ class Service:
         except ModelLoadError as error:
             self.log.error("model failed to load; not starting", extra={"event": "startup", "reason": str(error)})
             raise
+        if self.settings.prediction_log_url is not None:
+            await self._open_prediction_log(self.settings.prediction_log_url)
         if self.settings.feedback_dir is not None:
             self.feedback = await asyncio.to_thread(FeedbackStore, self.settings.feedback_dir, self.classes)
             self.recent = RecentPredictions(self.settings.feedback_cache_items, self.settings.feedback_cache_bytes)
@@ -149,6 +153,8 @@ class Service:
         # answering variants first: their last requests may still send shadow copies
         for variant in sorted(self.variants.values(), key=lambda v: v.spec.shadow):
             await variant.batcher.stop()
+        if self.prediction_log is not None:
+            await asyncio.to_thread(self.prediction_log.close)  # what was answered is written before exit
         self.log.info("stopped: queues drained", extra={"event": "shutdown"})
 
     def drift_monitors(self) -> dict[str, DriftMonitor]:
@@ -168,6 +174,8 @@ class Service:
         ids = tuple(new_prediction_id() for _ in range(len(images)))
         if self.recent is not None:
             self._remember(ids, request_id, images, probabilities, model, variant_name)
+        if self.prediction_log is not None:
+            self._log_predictions(ids, request_id, images, probabilities, model, variant_name)
         for shadow in self.router.shadows:
             # A shadow never slows the answers down: past a few batches of backlog, its copies are dropped.
             if self.variants[shadow].batcher.backlog > SHADOW_BACKLOG:
@@ -184,6 +192,8 @@ class Service:
         if shadows := self._shadowing.get(prediction_id):
             # feedback sent right after the answer: the record also scores what the shadows predict
             await asyncio.wait(set(shadows), timeout=SHADOW_FEEDBACK_WAIT_S)
+        if self.prediction_log is not None:
+            await self._recall_from_log(prediction_id)
         return await asyncio.to_thread(self.feedback.submit, prediction_id, label, self.recent)
 
     def variant(self, name: str | None) -> Variant:
@@ -243,6 +253,77 @@ class Service:
             predicted, confidence = model.classes[best], float(row[best])
             self.recent.add(
                 Prediction(prediction_id, image, predicted, confidence, variant, model.version, request_id, index)
+            )
+
+    async def _open_prediction_log(self, url: str) -> None:
+        settings = self.settings
+        log = PredictionLog(
+            url,
+            self.metrics.registry,
+            storage_options=settings.prediction_log_options,
+            sample_rate=settings.prediction_log_sample_rate,
+            batch_items=settings.prediction_log_batch_items,
+            flush_s=settings.prediction_log_flush_s,
+        )
+        try:
+            await asyncio.to_thread(log.open)
+        except PredictionLogUnavailable as error:  # one line, as for a model that does not load; not ready
+            self.log.error("prediction log unavailable; not starting", extra={"event": "startup", "reason": str(error)})
+            raise ModelLoadError(str(error)) from error
+        self.prediction_log = log
+
+    def _log_predictions(
+        self,
+        ids: tuple[str, ...],
+        request_id: str,
+        images: np.ndarray,
+        probabilities: np.ndarray,
+        model: LoadedModel,
+        variant: str,
+    ) -> None:
+        assert self.prediction_log is not None
+        now, top = timestamp(), min(self.settings.default_top_k, len(model.classes))
+        for index, (prediction_id, image, row) in enumerate(zip(ids, images, probabilities, strict=True)):
+            order = np.argsort(-row, kind="stable")[:top]
+            entry = LoggedPrediction(
+                prediction_id=prediction_id,
+                request_id=request_id,
+                image_index=index,
+                time=now,
+                variant=variant,
+                model_name=model.name,
+                model_version=model.version,
+                run_id=model.run_id,
+                predicted=model.classes[int(order[0])],
+                confidence=float(row[order[0]]),
+                top_k={model.classes[int(i)]: float(row[i]) for i in order},
+                image=LoggedPrediction.image_path(prediction_id),
+            )
+            self.prediction_log.add(entry, image)
+
+    async def _recall_from_log(self, prediction_id: str) -> None:
+        """Feedback for a prediction this process does not hold (another replica answered it, or this one before a
+        restart): bring it from the shared log into the recent cache."""
+        assert self.prediction_log is not None and self.recent is not None
+        try:
+            self.recent.get(prediction_id)
+            return
+        except UnknownPrediction:
+            pass
+        found = await asyncio.to_thread(self.prediction_log.lookup, prediction_id)
+        if found is not None:
+            record, image = found
+            self.recent.add(
+                Prediction(
+                    prediction_id,
+                    image,
+                    record["predicted"],
+                    record["confidence"],
+                    record["variant"],
+                    record["model_version"],
+                    record["request_id"],
+                    record["image_index"],
+                )
             )
 
     async def _shadow(self, name: str, images: np.ndarray, ids: tuple[str, ...], request_id: str) -> None:

@@ -43,9 +43,11 @@ def replicas(tiny_model: Path, tmp_path: Path, gcs) -> Iterator[list[Server]]:
         server.stop()
 
 
-def metric(server: Server, name: str) -> float:
+def metric(server: Server, name: str, labels: str = "") -> float:
+    """A metric's value on one replica: the sample `name` or `name{labels}`."""
     text = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": API_KEY}).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+    wanted = f"{name}{{{labels}}} " if labels else f"{name} "
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted))
 
 
 def test_feedback_sent_to_the_other_replica_is_found_in_the_shared_log(replicas: list[Server], gcs) -> None:
@@ -60,13 +62,17 @@ def test_feedback_sent_to_the_other_replica_is_found_in_the_shared_log(replicas:
         lambda: sum(metric(s, "cifarlab_prediction_log_written_total") for s in replicas) >= PREDICTIONS,
         "both replicas wrote their batches",
     )
-    labels = ["cat", "dog", "ship", "frog"]
+    labels, correct = ["cat", "dog", "ship", "frog"], 0
     for i, (index, prediction_id, _) in enumerate(answered):
         other = replicas[1 - index]  # the replica that never saw this prediction
         body = {"prediction_id": prediction_id, "label": labels[i % 4]}
         stored = httpx.post(f"{other.url}/v1/feedback", json=body, headers=headers)
         assert stored.status_code == 201, stored.text
         assert stored.json()["request_id"] and stored.json()["image_index"] == 0
+        correct += stored.json()["correct"]
+    for outcome, expected in (("true", correct), ("false", PREDICTIONS - correct)):  # both replicas add up
+        series = f'correct="{outcome}",variant="default"'
+        assert sum(metric(s, "cifarlab_feedback_total", series) for s in replicas) == expected
 
     for i, (index, prediction_id, image) in enumerate(answered):
         root = Path(replicas[1 - index].env["FEEDBACK_DIR"])

@@ -2,6 +2,7 @@
 gs:// log, feedback sent to the replica that did not answer is found there and stored once, byte-identical; a log
 write that fails is counted and never fails a prediction."""
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
@@ -13,7 +14,10 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from serve.model import ModelLoadError
 from serve.predlog import LoggedPrediction, PredictionLog
+from serve.service import Service
+from serve.settings import Settings
 from tests.serve.conftest import API_KEY, Server, noise_png, wait_until
 from tests.servers import BUCKET, GCS_ENV
 
@@ -99,3 +103,12 @@ def test_a_failing_log_write_is_counted_and_never_raises(tmp_path: Path) -> None
     log.close()
     assert registry.get_sample_value("cifarlab_prediction_log_failed_total") == 3
     assert registry.get_sample_value("cifarlab_prediction_log_written_total") == 0
+
+
+def test_a_log_store_that_cannot_be_written_stops_the_start_with_one_reason(tiny_model: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder would go")
+    service = Service(Settings(model_uri=str(tiny_model), prediction_log_url=str(blocker / "log")))
+    with pytest.raises(ModelLoadError, match=f"prediction log {blocker / 'log'} is not writable"):
+        asyncio.run(service.start())
+    assert service.prediction_log is None  # nothing half-open is left to write to

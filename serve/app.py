@@ -51,8 +51,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "malformed request (JSON that does not parse, broken multipart)",
         401: "missing or wrong X-API-Key",
         403: "admin calls are disabled (no API_KEY configured)",
-        404: "unknown or expired request id, unknown variant, or feedback not enabled (FEEDBACK_DIR)",
-        409: "this image already has feedback with another label",
+        404: "unknown or expired prediction id, unknown variant, or feedback not enabled (FEEDBACK_DIR)",
+        409: "this prediction already has feedback with another label",
         413: "body over the size limit, or an image with too many pixels (decompression bomb)",
         415: "unsupported Content-Type",
         422: "invalid input: not an image, truncated or empty file, bad base64, too many images, bad parameters, "
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPIOffline(  # FastAPI, with /docs and /redoc served from local assets
         title="cifarlab inference",
-        version="1",
+        version="1.1",  # 1.1: feedback names server-issued prediction ids (docs/serving.md, "API changes")
         description="CIFAR-10 classification with ONNX Runtime, micro-batched. Errors are JSON: "
         '`{"error": {"code": ..., "message": ...}, "request_id": ...}`.',
         lifespan=lifespan,
@@ -142,8 +142,9 @@ def _add_routes(app: FastAPI, service: Service, follower: AliasFollower) -> None
     )
     async def feedback(body: FeedbackRequest, response: Response) -> FeedbackResponse:
         """Stores the image (as the model saw it) under its true label, in the image-folder layout training reads
-        (FEEDBACK_DIR/<label>/<request id>~<index>.png, plus manifest.jsonl), durably, before answering."""
-        record, created = await service.submit_feedback(body.request_id, body.label, body.image_index)
+        (FEEDBACK_DIR/<label>/<prediction id>.png, plus manifest.jsonl), durably, before answering. API 1.1: the
+        body names the server-issued `prediction_id`; the client-chosen `request_id` + `image_index` are gone."""
+        record, created = await service.submit_feedback(body.prediction_id, body.label)
         if not created:
             response.status_code = 200
         return FeedbackResponse.model_validate({**asdict(record), "created": created})

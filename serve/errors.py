@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from serve.batching import BatchFailed, Overloaded, ShuttingDown
-from serve.feedback import ConflictingFeedback, FeedbackError, UnknownRequest
+from serve.feedback import ConflictingFeedback, FeedbackError, UnknownPrediction
 from serve.preprocess import EmptyImage, ImageTooLarge, InvalidImage
 from serve.service import FeedbackDisabled, NotReady, ReloadFailed, UnknownVariant, VariantRequired
 
@@ -41,7 +41,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     VariantRequired: (422, "variant_required"),
     ReloadFailed: (422, "model_load_failed"),
     FeedbackDisabled: (404, "feedback_disabled"),
-    UnknownRequest: (404, "unknown_request"),
+    UnknownPrediction: (404, "unknown_prediction"),
     ConflictingFeedback: (409, "conflicting_feedback"),
     FeedbackError: (422, "invalid_feedback"),
 }

@@ -1,14 +1,16 @@
 """The feedback loop: recent predictions kept in memory, true labels stored durably as a training-ready dataset.
 
 `RecentPredictions` holds the model inputs of the last requests (bounded in count and in bytes, oldest evicted
-first), with the predictions shadow variants made of the same images. When a client later names the true label
-of an image (`POST /v1/feedback`: request id, and the image's position in the request), `FeedbackStore` writes it
-as `<root>/<class>/<request id>~<index>.png` (the layout `cifarlab.data.prepare` reads for `train/`) and appends a
-line to `<root>/manifest.jsonl`. Both writes are fsynced before the call returns, so acknowledged feedback survives
-a crash; the image is renamed into place before its manifest line exists, so no manifest line names a partial
-image. The store is for one server process (a lock guards it; several processes need one store each).
+first), with the predictions shadow variants made of the same images, each under the prediction id the server
+issued for it. When a client later names the true label of an image (`POST /v1/feedback`: that prediction id),
+`FeedbackStore` writes it as `<root>/<class>/<prediction id>.png` (the layout `cifarlab.data.prepare` reads for
+`train/`) and appends a line to `<root>/manifest.jsonl`. The ids are random and issued by the server, never by
+the client, so no client can name, overwrite or claim another client's prediction. Both writes are fsynced
+before the call returns, so acknowledged feedback survives a crash; the image is renamed into place before its
+manifest line exists, so no manifest line names a partial image. The store is for one server process (a lock
+guards it; several processes need one store each).
 
-Errors map to HTTP statuses: UnknownRequest 404, InvalidFeedback 422, ConflictingFeedback 409.
+Errors map to HTTP statuses: UnknownPrediction 404, InvalidFeedback 422, ConflictingFeedback 409.
 """
 
 from __future__ import annotations
@@ -26,23 +28,22 @@ from PIL import Image
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cifarlab_contract.feedback import (
-    INDEX_SEPARATOR,
     MANIFEST_FILE,
     REQUEST_ID_PATTERN,
     FeedbackRecord,
-    feedback_key,
     image_path,
     read_manifest,
 )
 from cifarlab_contract.files import atomic_destination, fsync_directory
+from serve.json_logs import get_logger
 
 
 class FeedbackError(Exception):
     """Feedback that cannot be accepted; the message says why."""
 
 
-class UnknownRequest(FeedbackError):
-    """No recent prediction has this request id (never made, or already evicted from the cache)."""
+class UnknownPrediction(FeedbackError):
+    """No recent prediction has this id (never issued, or already evicted from the cache)."""
 
 
 class InvalidFeedback(FeedbackError):
@@ -50,25 +51,26 @@ class InvalidFeedback(FeedbackError):
 
 
 class ConflictingFeedback(FeedbackError):
-    """This request already has feedback with a different label."""
+    """This prediction already has feedback with a different label."""
 
 
 @dataclass(frozen=True)
 class Prediction:
     """What the server answered for one image, kept until feedback arrives or the cache evicts it."""
 
-    request_id: str
+    prediction_id: str  # issued by the server (cifarlab_contract.feedback.new_prediction_id)
     image: np.ndarray  # the model's input: uint8 [H, W, 3] RGB
     predicted: str
     confidence: float
     variant: str
     version: str
+    request_id: str = ""  # the request's id (the client's X-Request-ID, if sent): for correlating logs only
     image_index: int = 0  # position in its request
     shadows: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # variant -> (predicted, version)
 
     @property
     def key(self) -> str:
-        return feedback_key(self.request_id, self.image_index)
+        return self.prediction_id
 
 
 class RecentPredictions:
@@ -105,10 +107,7 @@ class RecentPredictions:
         with self._lock:
             prediction = self._items.get(key)
         if prediction is None:
-            request_id, _, index = key.rpartition(INDEX_SEPARATOR)
-            raise UnknownRequest(
-                f"no recent prediction for image {index} of request {request_id!r} (unknown or expired)"
-            )
+            raise UnknownPrediction(f"no recent prediction with id {key!r} (never issued, or expired)")
         return prediction
 
     def __len__(self) -> int:
@@ -145,35 +144,30 @@ class FeedbackStore:
         self.manifest = self.root / MANIFEST_FILE
         self._load()
 
-    def submit(
-        self, request_id: str, label: str, recent: RecentPredictions, image_index: int = 0
-    ) -> tuple[FeedbackRecord, bool]:
-        """Store the true `label` of image `image_index` of a recent request; returns the record and whether it
-        is new.
+    def submit(self, prediction_id: str, label: str, recent: RecentPredictions) -> tuple[FeedbackRecord, bool]:
+        """Store the true `label` of the recent prediction `prediction_id`; returns the record and whether it is new.
 
         Repeating the same feedback returns the stored record (created False), even after the cache evicted it.
         """
         if not isinstance(label, str) or label not in self._index:
             raise InvalidFeedback(f"label {label!r} is not one of the model's classes: {', '.join(self.classes)}")
-        if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
-            raise InvalidFeedback(f"request id {request_id!r} is not a valid id (letters, digits, '_.-', <= 128)")
-        if not isinstance(image_index, int) or image_index < 0:
-            raise InvalidFeedback(f"image index {image_index!r} is not a position in a request")
-        key = feedback_key(request_id, image_index)
+        if not isinstance(prediction_id, str) or not REQUEST_ID_PATTERN.fullmatch(prediction_id):
+            raise InvalidFeedback(f"prediction id {prediction_id!r} is not a valid id (letters, digits, '_.-')")
         with self._lock:
-            existing = self._records.get(key)
+            existing = self._records.get(prediction_id)
             if existing is not None:
                 if existing.label != label:
                     raise ConflictingFeedback(
-                        f"image {image_index} of request {request_id!r} already has feedback {existing.label!r}; "
+                        f"prediction {prediction_id!r} already has feedback {existing.label!r}; "
                         f"it cannot become {label!r}"
                     )
                 return existing, False
-            prediction = recent.get(key)
-            relative = image_path(label, key)
+            prediction = recent.get(prediction_id)
+            relative = image_path(label, prediction_id)
             self._write_image(self.root / relative, prediction.image)
             record = FeedbackRecord(
-                request_id=request_id,
+                prediction_id=prediction_id,
+                request_id=prediction.request_id,
                 label=label,
                 predicted=prediction.predicted,
                 correct=prediction.predicted == label,
@@ -182,7 +176,7 @@ class FeedbackStore:
                 version=prediction.version,
                 path=relative,
                 received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                image_index=image_index,
+                image_index=prediction.image_index,
                 shadows={
                     variant: {"predicted": predicted, "version": version, "correct": predicted == label}
                     for variant, (predicted, version) in prediction.shadows.items()
@@ -192,11 +186,12 @@ class FeedbackStore:
             self._add(record)
         return record, True
 
-    def get(self, request_id: str, image_index: int = 0) -> FeedbackRecord:
+    def get(self, key: str) -> FeedbackRecord:
+        """The feedback stored under `key`: a prediction id (or, in an older store, `<request id>~<index>`)."""
         with self._lock:
-            record = self._records.get(feedback_key(request_id, image_index))
+            record = self._records.get(key)
         if record is None:
-            raise UnknownRequest(f"no feedback for image {image_index} of request {request_id!r}")
+            raise UnknownPrediction(f"no feedback for prediction {key!r}")
         return record
 
     def __len__(self) -> int:
@@ -247,12 +242,19 @@ class FeedbackStore:
             fsync_directory(self.root)
 
     def _load(self) -> None:
-        """Read the manifest; a torn last line (a crash mid-append, never acknowledged) is cut off."""
+        """Read the manifest. Only a torn last line (a crash mid-append, never acknowledged) is cut off; a line
+        this version cannot read stays in the file, named in one warning."""
         if not self.manifest.exists():
             return
-        records, good_end = read_manifest(self.manifest)
+        skipped: list[int] = []
+        records, good_end = read_manifest(self.manifest, skipped)
         for record in records:
             self._add(record)
+        if skipped:
+            get_logger().warning(
+                "feedback manifest lines skipped: not records this version can read; kept in the file",
+                extra={"event": "startup", "manifest": str(self.manifest), "lines": skipped},
+            )
         if good_end < self.manifest.stat().st_size:
             with open(self.manifest, "r+b") as handle:
                 handle.truncate(good_end)

@@ -156,7 +156,7 @@ def _resolve_mlflow(uri: str) -> ModelSource:
             f"{uri} is an MLflow URI, and MLflow is not installed: `pip install mlflow-skinny`, "
             "or mount the .onnx file and give its path"
         ) from error
-    name, version = None, None
+    name, version, download = None, None, uri
     history: tuple[AliasMove, ...] = ()
     if uri.startswith("models:/"):
         name, _, ref = uri.removeprefix("models:/").partition("@")
@@ -164,13 +164,16 @@ def _resolve_mlflow(uri: str) -> ModelSource:
             if ref:
                 client = MlflowClient()
                 version = client.get_model_version_by_alias(name, ref).version
+                # resolved once: download that version, not the alias again (it may have moved meanwhile, and
+                # the server would then serve one version's weights under another's number)
+                download = f"models:/{name}/{version}"
                 history = tuple(alias_history(client.get_registered_model(name).tags, ref)[-HISTORY_SHOWN:])
             else:
                 name, _, version = name.partition("/")
         except Exception as error:
             raise ModelLoadError(f"cannot resolve {uri} in the MLflow registry: {error}") from error
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=download))
     except Exception as error:
         raise ModelLoadError(f"cannot download {uri} from MLflow: {error}") from error
     files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))

@@ -73,6 +73,7 @@ class PredictHandler:
         request.state.log = {
             "variant": variant,
             "model_version": model.version,
+            "prediction_ids": list(answer.prediction_ids),
             "labels": [p["label"] for p in predictions],
             "confidences": [round(p["confidence"], 4) for p in predictions],
         }
@@ -177,11 +178,13 @@ def _predictions(answer: Answer, names: list[str | None], top_k: int) -> list[di
     top_k = min(top_k, len(classes))
     order = np.argsort(-answer.probabilities, axis=1, kind="stable")[:, :top_k]
     predictions = []
-    for row, name, ranked in zip(answer.probabilities.tolist(), names, order.tolist(), strict=True):
+    rows = zip(answer.prediction_ids, answer.probabilities.tolist(), names, order.tolist(), strict=True)
+    for prediction_id, row, name, ranked in rows:
         top = [{"label": classes[i], "class_index": i, "probability": row[i]} for i in ranked]
         best = top[0]
         predictions.append(
             {
+                "prediction_id": prediction_id,
                 "label": best["label"],
                 "class_index": best["class_index"],
                 "confidence": best["probability"],

@@ -50,7 +50,13 @@ class Metrics:
         self.model_info = Gauge(
             "cifarlab_model_info", "the model being served (=1)", ["variant", "version", "run_id", "sha256"], registry=r
         )
-        self.model_ready = Gauge("cifarlab_model_ready", "1 when a model is loaded and warm", ["variant"], registry=r)
+        self.model_ready = Gauge(
+            "cifarlab_model_ready",
+            "1 when the variant serves the model it was last asked to load, loaded and warm; 0 before that, after "
+            "a failed load or reload (a previous model, if any, keeps serving), and while shutting down",
+            ["variant"],
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             "cifarlab_shadow_dropped_total",
             "shadow copies dropped because the shadow fell behind",

@@ -2,7 +2,9 @@
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from cifarlab_contract.feedback import PREDICTION_ID_PATTERN
 
 if TYPE_CHECKING:
     from serve.model import LoadedModel
@@ -22,6 +24,9 @@ class ClassProbability(BaseModel):
 
 
 class Prediction(BaseModel):
+    prediction_id: str = Field(
+        description="issued by the server for this image (random, unique): send it with POST /v1/feedback"
+    )
     label: str
     class_index: int
     confidence: float = Field(description="the probability of `label`")
@@ -40,7 +45,9 @@ class ModelRef(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    request_id: str = Field(description="send it back with POST /v1/feedback to report the true labels")
+    request_id: str = Field(
+        description="the client's X-Request-ID, or a new one: correlates logs. Feedback names a prediction_id"
+    )
     variant: str = Field(description="the model variant that answered (A/B tests; also the X-Model-Variant header)")
     model: ModelRef
     predictions: list[Prediction]
@@ -96,9 +103,21 @@ class ReloadResponse(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    request_id: str = Field(description="the request_id of the prediction response")
+    prediction_id: str = Field(
+        pattern=f"^{PREDICTION_ID_PATTERN.pattern}$", description="the prediction_id the server answered for the image"
+    )
     label: str = Field(description="the true class of the image")
-    image_index: int = Field(0, ge=0, description="the image's position in that request")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_removed_fields(cls, data: Any) -> Any:
+        """API 1.1 removed `request_id` + `image_index` (the client chose that id): say so, not just 'missing'."""
+        if isinstance(data, dict) and "prediction_id" not in data and "request_id" in data:
+            raise ValueError(
+                "request_id and image_index were removed from feedback in API 1.1: send the prediction_id that "
+                "the prediction answered for the image"
+            )
+        return data
 
 
 class ShadowOutcome(BaseModel):
@@ -108,8 +127,9 @@ class ShadowOutcome(BaseModel):
 
 
 class FeedbackResponse(BaseModel):
-    request_id: str
-    image_index: int
+    prediction_id: str
+    request_id: str = Field(description="the id of the request that was answered (log correlation)")
+    image_index: int = Field(description="the image's position in that request")
     label: str
     predicted: str = Field(description="what the answering variant said")
     correct: bool

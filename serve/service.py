@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from cifarlab_contract.drift import softmax
-from cifarlab_contract.feedback import FeedbackRecord, feedback_key
+from cifarlab_contract.feedback import FeedbackRecord, new_prediction_id
 from serve.batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
-from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions
+from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions, UnknownPrediction
 from serve.json_logs import get_logger
 from serve.model import LoadedModel, ModelLoadError, load_model
+from serve.predlog import LoggedPrediction, PredictionLog, PredictionLogUnavailable, timestamp
 from serve.prometheus_metrics import Metrics
 from serve.settings import Settings
 from serve.variants import VariantRouter, VariantSpec
@@ -51,6 +52,7 @@ class Answer:
     model: LoadedModel
     variant: str
     logits: np.ndarray  # [N, classes], what the model computed (the v2 API answers them)
+    prediction_ids: tuple[str, ...] = ()  # one per image, issued here: what feedback names
 
 
 class Variant:
@@ -115,12 +117,15 @@ class Service:
         self.default_variant = next(name for name, spec in specs.items() if not spec.shadow)
         for name in self.router.shadows:
             self.metrics.shadow_dropped.labels(variant=name)  # a series from the start: 0 until a drop
+        for name in self.variants:
+            self.metrics.model_ready.labels(variant=name).set(0)  # until its model is loaded and warm
         self.classes: tuple[str, ...] = ()
         self.recent: RecentPredictions | None = None
         self.feedback: FeedbackStore | None = None
+        self.prediction_log: PredictionLog | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
-        self._shadowing: dict[str, set[asyncio.Task[None]]] = {}  # request id -> its shadow copies still running
+        self._shadowing: dict[str, set[asyncio.Task[None]]] = {}  # prediction id -> its shadow copies still running
         self.metrics.registry.register(DriftCollector(self.drift_monitors))
 
     @property
@@ -136,6 +141,8 @@ class Service:
         except ModelLoadError as error:
             self.log.error("model failed to load; not starting", extra={"event": "startup", "reason": str(error)})
             raise
+        if self.settings.prediction_log_url is not None:
+            await self._open_prediction_log(self.settings.prediction_log_url)
         if self.settings.feedback_dir is not None:
             self.feedback = await asyncio.to_thread(FeedbackStore, self.settings.feedback_dir, self.classes)
             self.recent = RecentPredictions(self.settings.feedback_cache_items, self.settings.feedback_cache_bytes)
@@ -154,6 +161,8 @@ class Service:
         # answering variants first: their last requests may still send shadow copies
         for variant in sorted(self.variants.values(), key=lambda v: v.spec.shadow):
             await variant.batcher.stop()
+        if self.prediction_log is not None:
+            await asyncio.to_thread(self.prediction_log.close)  # what was answered is written before exit
         self.log.info("stopped: queues drained", extra={"event": "shutdown"})
 
     def drift_monitors(self) -> dict[str, DriftMonitor]:
@@ -166,7 +175,8 @@ class Service:
 
     async def predict(self, images: np.ndarray, variant_name: str, request_id: str) -> Answer:
         """Class probabilities for uint8 images [N, 32, 32, 3] from the named variant; shadow variants get a copy
-        off the response path. With feedback on, the images are kept for a later true label."""
+        off the response path. Each image gets a new prediction id; with feedback on, the images are kept under it
+        for a later true label. `request_id` only goes into the records, for correlating logs."""
         variant = self.variants[variant_name]
         try:
             logits, model = await variant.batcher.submit(images)
@@ -174,25 +184,30 @@ class Service:
             self.metrics.shed.labels(variant=variant_name).inc()
             raise
         probabilities = softmax(logits)
+        ids = tuple(new_prediction_id() for _ in range(len(images)))
         if self.recent is not None:
-            self._remember(request_id, images, probabilities, model, variant_name)
+            self._remember(ids, request_id, images, probabilities, model, variant_name)
+        if self.prediction_log is not None:
+            self._log_predictions(ids, request_id, images, probabilities, model, variant_name)
         for shadow in self.router.shadows:
             # A shadow never slows the answers down: past a few batches of backlog, its copies are dropped.
             if self.variants[shadow].batcher.backlog > SHADOW_BACKLOG:
                 self.metrics.shadow_dropped.labels(variant=shadow).inc()
             else:
-                task = self._in_background(self._shadow(shadow, images, request_id))
+                task = self._in_background(self._shadow(shadow, images, ids, request_id))
                 if self.recent is not None:
-                    self._track_shadow(request_id, task)
-        return Answer(probabilities, model, variant_name, logits)
+                    self._track_shadow(ids, task)
+        return Answer(probabilities, model, variant_name, logits, ids)
 
-    async def submit_feedback(self, request_id: str, label: str, image_index: int) -> tuple[FeedbackRecord, bool]:
+    async def submit_feedback(self, prediction_id: str, label: str) -> tuple[FeedbackRecord, bool]:
         if self.feedback is None or self.recent is None:
             raise FeedbackDisabled("feedback is off on this server: start it with FEEDBACK_DIR set")
-        if shadows := self._shadowing.get(request_id):
+        if shadows := self._shadowing.get(prediction_id):
             # feedback sent right after the answer: the record also scores what the shadows predict
             await asyncio.wait(set(shadows), timeout=SHADOW_FEEDBACK_WAIT_S)
-        return await asyncio.to_thread(self.feedback.submit, request_id, label, self.recent, image_index)
+        if self.prediction_log is not None:
+            await self._recall_from_log(prediction_id)
+        return await asyncio.to_thread(self.feedback.submit, prediction_id, label, self.recent)
 
     def variant(self, name: str | None) -> Variant:
         """A variant by name (default: the first answering one); UnknownVariant for a name not configured."""
@@ -214,6 +229,8 @@ class Service:
                 self._check_classes(new)
             except ModelLoadError as error:
                 self.metrics.reloads.labels(variant=variant.name, result="failure").inc()
+                # not the model asked for: the old one answers, and the CifarlabModelNotReady alert says so
+                self.metrics.model_ready.labels(variant=variant.name).set(0)
                 self.log.error(
                     "reload failed; the previous model keeps serving",
                     extra={"variant": variant.name, "reason": str(error)},
@@ -235,16 +252,94 @@ class Service:
             raise ModelLoadError(f"{model.uri} predicts {list(model.classes)}, the other variants {list(self.classes)}")
 
     def _remember(
-        self, request_id: str, images: np.ndarray, probabilities: np.ndarray, model: LoadedModel, variant: str
+        self,
+        ids: tuple[str, ...],
+        request_id: str,
+        images: np.ndarray,
+        probabilities: np.ndarray,
+        model: LoadedModel,
+        variant: str,
     ) -> None:
         assert self.recent is not None
-        for index, (image, row) in enumerate(zip(images, probabilities, strict=True)):
+        for index, (prediction_id, image, row) in enumerate(zip(ids, images, probabilities, strict=True)):
             best = int(row.argmax())
+            predicted, confidence = model.classes[best], float(row[best])
             self.recent.add(
-                Prediction(request_id, image, model.classes[best], float(row[best]), variant, model.version, index)
+                Prediction(prediction_id, image, predicted, confidence, variant, model.version, request_id, index)
             )
 
-    async def _shadow(self, name: str, images: np.ndarray, request_id: str) -> None:
+    async def _open_prediction_log(self, url: str) -> None:
+        settings = self.settings
+        log = PredictionLog(
+            url,
+            self.metrics.registry,
+            storage_options=settings.prediction_log_options,
+            sample_rate=settings.prediction_log_sample_rate,
+            batch_items=settings.prediction_log_batch_items,
+            flush_s=settings.prediction_log_flush_s,
+        )
+        try:
+            await asyncio.to_thread(log.open)
+        except PredictionLogUnavailable as error:  # one line, as for a model that does not load; not ready
+            self.log.error("prediction log unavailable; not starting", extra={"event": "startup", "reason": str(error)})
+            raise ModelLoadError(str(error)) from error
+        self.prediction_log = log
+
+    def _log_predictions(
+        self,
+        ids: tuple[str, ...],
+        request_id: str,
+        images: np.ndarray,
+        probabilities: np.ndarray,
+        model: LoadedModel,
+        variant: str,
+    ) -> None:
+        assert self.prediction_log is not None
+        now, top = timestamp(), min(self.settings.default_top_k, len(model.classes))
+        for index, (prediction_id, image, row) in enumerate(zip(ids, images, probabilities, strict=True)):
+            order = np.argsort(-row, kind="stable")[:top]
+            entry = LoggedPrediction(
+                prediction_id=prediction_id,
+                request_id=request_id,
+                image_index=index,
+                time=now,
+                variant=variant,
+                model_name=model.name,
+                model_version=model.version,
+                run_id=model.run_id,
+                predicted=model.classes[int(order[0])],
+                confidence=float(row[order[0]]),
+                top_k={model.classes[int(i)]: float(row[i]) for i in order},
+                image=LoggedPrediction.image_path(prediction_id),
+            )
+            self.prediction_log.add(entry, image)
+
+    async def _recall_from_log(self, prediction_id: str) -> None:
+        """Feedback for a prediction this process does not hold (another replica answered it, or this one before a
+        restart): bring it from the shared log into the recent cache."""
+        assert self.prediction_log is not None and self.recent is not None
+        try:
+            self.recent.get(prediction_id)
+            return
+        except UnknownPrediction:
+            pass
+        found = await asyncio.to_thread(self.prediction_log.lookup, prediction_id)
+        if found is not None:
+            record, image = found
+            self.recent.add(
+                Prediction(
+                    prediction_id,
+                    image,
+                    record["predicted"],
+                    record["confidence"],
+                    record["variant"],
+                    record["model_version"],
+                    record["request_id"],
+                    record["image_index"],
+                )
+            )
+
+    async def _shadow(self, name: str, images: np.ndarray, ids: tuple[str, ...], request_id: str) -> None:
         try:
             logits, model = await self.variants[name].batcher.submit(images)
         except (
@@ -257,8 +352,8 @@ class Service:
             )
             return
         if self.recent is not None:
-            for index, best in enumerate(logits.argmax(axis=1)):  # the argmax of the probabilities too
-                self.recent.add_shadow(feedback_key(request_id, index), name, model.classes[best], model.version)
+            for prediction_id, best in zip(ids, logits.argmax(axis=1), strict=True):  # the probabilities' argmax
+                self.recent.add_shadow(prediction_id, name, model.classes[best], model.version)
 
     def _in_background(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -266,14 +361,16 @@ class Service:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _track_shadow(self, request_id: str, task: asyncio.Task[None]) -> None:
-        running = self._shadowing.setdefault(request_id, set())
-        running.add(task)
+    def _track_shadow(self, ids: tuple[str, ...], task: asyncio.Task[None]) -> None:
+        for prediction_id in ids:
+            self._shadowing.setdefault(prediction_id, set()).add(task)
 
         def forget(done: asyncio.Task[None]) -> None:
-            running.discard(done)
-            if not running:  # the last copy of this request: a later request with the same id starts a new set
-                del self._shadowing[request_id]
+            for prediction_id in ids:
+                running = self._shadowing.get(prediction_id, set())
+                running.discard(done)
+                if not running:  # the last shadow copy of this image
+                    self._shadowing.pop(prediction_id, None)
 
         task.add_done_callback(forget)
 

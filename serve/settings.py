@@ -2,7 +2,7 @@
 
 import re
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     )
     feedback_cache_items: int = Field(10_000, gt=0, description="recent predictions kept for feedback")
     feedback_cache_bytes: int = Field(64 * 2**20, gt=0, description="image bytes kept for feedback, at most")
+    prediction_log_url: str | None = Field(
+        None,
+        description="where every answered image is logged, shared by all replicas (serve.predlog): a folder or "
+        "any fsspec URL (gs://bucket/path needs gcsfs); feedback looks ids up there. Unset: no log",
+    )
+    prediction_log_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (JSON), e.g. an endpoint_url or a token file"
+    )
+    prediction_log_sample_rate: float = Field(1.0, gt=0, le=1, description="share of answered images logged")
+    prediction_log_batch_items: int = Field(256, gt=0, description="images per log write, at most")
+    prediction_log_flush_s: float = Field(1.0, gt=0, description="a queued image is written within this time")
 
     @model_validator(mode="after")
     def _a_model_source(self) -> Self:

@@ -417,8 +417,13 @@ def infer_response(answer: Answer, request: InferRequest, name: str, request_id:
     response: dict[str, Any] = {"model_name": name, "model_version": answer.model.version}
     if request.id is not None:
         response["id"] = request.id
-    # the request id names the prediction for POST /v1/feedback, as /v1/predict's body does
-    response["parameters"] = {"request_id": request_id, "variant": answer.variant}
+    # one server-issued id per image names its prediction for POST /v1/feedback, as in /v1/predict's body; the
+    # request id only correlates logs
+    response["parameters"] = {
+        "request_id": request_id,
+        "variant": answer.variant,
+        "prediction_ids": list(answer.prediction_ids),
+    }
     response["outputs"] = outputs
     header = json.dumps(response, separators=(",", ":")).encode()
     if not blobs:

@@ -3,6 +3,7 @@
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from cifarlab.errors import ConfigError
@@ -24,7 +25,8 @@ def check_accelerator(accelerator: str) -> None:
 def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:
     """Turn errors the user can fix into one line on stderr and exit status 1, without a traceback.
 
-    Config mistakes that surface inside Hydra's instantiate or Lightning's argument checks count as such.
+    Config mistakes that surface inside Hydra's instantiate or Lightning's argument checks count as such; a bug
+    raised inside a constructor that Hydra called does not, and keeps its traceback (`_configuration_error`).
     """
 
     @functools.wraps(task)
@@ -59,5 +61,25 @@ def _user_message(error: Exception) -> str | None:
 
         if isinstance(error, InstantiationException):
             cause = error.__cause__
-            return str(cause) if isinstance(cause, UserError) else f"invalid configuration: {error}".replace("\n", " ")
+            if isinstance(cause, UserError):
+                return str(cause)
+            if _configuration_error(cause):
+                return f"invalid configuration: {error}".replace("\n", " ")
     return None
+
+
+def _configuration_error(cause: BaseException | None) -> bool:
+    """Whether the error under a Hydra InstantiationException is the config's fault: Hydra's own checks (no
+    cause), a value a constructor refused (ValueError, what this repository's constructors raise for bad
+    arguments), or an error raised in Hydra's own code: a target that cannot be located, arguments that do not fit
+    the signature. Anything else was raised inside the constructor's code: a bug, not a config mistake."""
+    from hydra.errors import InstantiationException
+
+    if cause is None or isinstance(cause, ValueError):
+        return True
+    if isinstance(cause, InstantiationException):  # a constructor that itself instantiates
+        return cause.__cause__ is None or _configuration_error(cause.__cause__)
+    frame = cause.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "hydra" in Path(frame.tb_frame.f_code.co_filename).parts

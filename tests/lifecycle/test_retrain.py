@@ -39,8 +39,8 @@ def feedback(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store, recent = FeedbackStore(root, CIFAR10), RecentPredictions()
     images = np.random.default_rng(0).integers(0, 256, size=(len(LABELS), 32, 32, 3), dtype=np.uint8)
     for index, (label, image) in enumerate(zip(LABELS, images, strict=True)):
-        recent.add(Prediction(f"req-{index}", image, "truck", 0.5, "primary", "1"))
-        store.submit(f"req-{index}", label, recent)
+        recent.add(Prediction(f"p{index}", image, "truck", 0.5, "primary", "1", request_id=f"req-{index}"))
+        store.submit(f"p{index}", label, recent)
     (root / "cat" / ".req-9.png.tmp").write_bytes(b"partial")
     return root
 

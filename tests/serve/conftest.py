@@ -140,8 +140,8 @@ def client(server: Server) -> Iterator[httpx.Client]:
 class Traffic:
     """What the session's A/B server was sent before the monitoring tests look at it."""
 
-    request_ids: list[str]
-    feedback: dict[str, str]  # request id -> the true label reported
+    prediction_ids: list[str]  # of each request's one image
+    feedback: dict[str, str]  # prediction id -> the true label reported
 
 
 def noise_png(seed: int) -> bytes:
@@ -176,20 +176,20 @@ def ab_server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="session")
 def ab_traffic(ab_server: Server) -> Traffic:
     """Noise images from 30 clients, one bad request, feedback on six answers, one reload of the challenger."""
-    request_ids, feedback = [], {}
+    prediction_ids, feedback = [], {}
     with httpx.Client(base_url=ab_server.url, headers={"X-API-Key": API_KEY}, timeout=30) as http:
         for i in range(30):
             files = [("files", (f"noise{i}.png", noise_png(i), "image/png"))]
             response = http.post("/v1/predict", files=files, headers={"X-Client-ID": f"client-{i}"})
             response.raise_for_status()
-            request_ids.append(response.json()["request_id"])
+            prediction_ids.append(response.json()["predictions"][0]["prediction_id"])
         assert http.post("/v1/predict", files=[("files", ("x.png", b"not an image", "image/png"))]).status_code == 422
         wait_until(lambda: shadow_predictions(http) >= 30, "the challenger scored every shadow copy")
-        for request_id, label in zip(request_ids[:6], ["cat", "dog", "cat", "ship", "frog", "cat"], strict=True):
-            http.post("/v1/feedback", json={"request_id": request_id, "label": label}).raise_for_status()
-            feedback[request_id] = label
+        for prediction_id, label in zip(prediction_ids[:6], ["cat", "dog", "cat", "ship", "frog", "cat"], strict=True):
+            http.post("/v1/feedback", json={"prediction_id": prediction_id, "label": label}).raise_for_status()
+            feedback[prediction_id] = label
         http.post("/v1/admin/reload", json={"variant": "challenger"}).raise_for_status()
-    return Traffic(request_ids, feedback)
+    return Traffic(prediction_ids, feedback)
 
 
 def shadow_predictions(http: httpx.Client) -> float:

@@ -58,6 +58,8 @@ def test_predict_multipart_answers_per_image_with_model_and_request_id(client, t
         assert probabilities == sorted(probabilities, reverse=True) and 0 < probabilities[0] <= 1
         assert prediction["confidence"] == probabilities[0]
     assert [p["filename"] for p in body["predictions"]] == ["0.png", "1.png"]
+    ids = [p["prediction_id"] for p in body["predictions"]]  # issued by the server, one per image
+    assert len(set(ids)) == 2 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
 def test_server_probabilities_equal_the_training_code_on_real_test_images(client, test_images, tiny_run):
@@ -114,7 +116,7 @@ def test_model_endpoint_describes_the_onnx_file(client, onnx_model):
 
 
 def test_feedback_and_drift_without_their_configuration(client):
-    feedback = client.post("/v1/feedback", json={"request_id": "req-42", "label": "cat"})
+    feedback = client.post("/v1/feedback", json={"prediction_id": "ab" * 16, "label": "cat"})
     assert feedback.status_code == 404 and feedback.json()["error"]["code"] == "feedback_disabled"
     assert "FEEDBACK_DIR" in feedback.json()["error"]["message"]
     drift = client.get("/v1/drift").json()["variants"]["default"]  # the session's model carries its reference

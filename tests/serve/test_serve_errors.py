@@ -38,7 +38,7 @@ def test_every_error_the_domain_modules_define_has_a_status() -> None:
         (service.VariantRequired("name one"), 422, "variant_required"),
         (service.ReloadFailed("bad file"), 422, "model_load_failed"),
         (service.FeedbackDisabled("off"), 404, "feedback_disabled"),
-        (feedback.UnknownRequest("expired"), 404, "unknown_request"),
+        (feedback.UnknownPrediction("expired"), 404, "unknown_prediction"),
         (feedback.ConflictingFeedback("other label"), 409, "conflicting_feedback"),
         (feedback.InvalidFeedback("no such label"), 422, "invalid_feedback"),
     ],

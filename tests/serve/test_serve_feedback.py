@@ -9,7 +9,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from cifarlab.data.prepare import image_folder_key
-from cifarlab_contract.feedback import MANIFEST_FILE, feedback_key
+from cifarlab_contract.feedback import MANIFEST_FILE
 from serve.feedback import (
     ConflictingFeedback,
     FeedbackCollector,
@@ -17,18 +17,18 @@ from serve.feedback import (
     InvalidFeedback,
     Prediction,
     RecentPredictions,
-    UnknownRequest,
+    UnknownPrediction,
 )
 
 CLASSES = ("airplane", "automobile", "bird", "cat")
 
 
 def prediction(
-    request_id: str, predicted: str = "cat", variant: str = "champion", version: str = "1", index: int = 0
+    prediction_id: str, predicted: str = "cat", variant: str = "champion", version: str = "1", index: int = 0
 ) -> Prediction:
-    seed = sum(request_id.encode()) + index
+    seed = sum(prediction_id.encode()) + index
     image = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    return Prediction(request_id, image, predicted, 0.9, variant, version, index)
+    return Prediction(prediction_id, image, predicted, 0.9, variant, version, request_id="req", image_index=index)
 
 
 def cache_with(*predictions: Prediction) -> RecentPredictions:
@@ -43,27 +43,29 @@ def test_cache_is_bounded_by_count_and_by_bytes() -> None:
     for i in range(5):
         by_count.add(prediction(f"r{i}"))
     assert len(by_count) == 3 and by_count.nbytes == 3 * 3072
-    with pytest.raises(UnknownRequest, match="image 0 of request 'r1'"):
-        by_count.get(feedback_key("r1"))
-    assert by_count.get(feedback_key("r4")).request_id == "r4"
+    with pytest.raises(UnknownPrediction, match="no recent prediction with id 'r1'"):
+        by_count.get("r1")
+    assert by_count.get("r4").prediction_id == "r4"
     by_bytes = RecentPredictions(max_items=100, max_bytes=2 * 3072 + 10)
     for i in range(4):
         by_bytes.add(prediction(f"r{i}"))
     assert len(by_bytes) == 2 and by_bytes.nbytes == 2 * 3072
     by_bytes.add(prediction("r3", predicted="dog"))  # the same id again replaces, not duplicates
-    assert len(by_bytes) == 2 and by_bytes.get(feedback_key("r3")).predicted == "dog"
+    assert len(by_bytes) == 2 and by_bytes.get("r3").predicted == "dog"
 
 
 def test_feedback_is_stored_as_a_training_image_and_a_manifest_line(tmp_path: Path) -> None:
     store = FeedbackStore(tmp_path / "feedback", CLASSES)
-    item = prediction("req-1")
-    record, created = store.submit("req-1", "bird", cache_with(item))
+    item = prediction("p1", index=3)
+    record, created = store.submit("p1", "bird", cache_with(item))
     assert created and record.label == "bird" and record.predicted == "cat" and not record.correct
-    image_path = tmp_path / "feedback" / "bird" / "req-1~0.png"
+    image_path = tmp_path / "feedback" / "bird" / "p1.png"
     np.testing.assert_array_equal(np.asarray(Image.open(image_path)), item.image)  # lossless: what the model saw
-    assert image_folder_key("train/bird/req-1~0.png", is_dir=False).class_name == "bird"  # data preparation reads it
+    assert image_folder_key("train/bird/p1.png", is_dir=False).class_name == "bird"  # data preparation reads it
     (line,) = (tmp_path / "feedback" / MANIFEST_FILE).read_text().splitlines()
-    assert json.loads(line)["request_id"] == "req-1" and json.loads(line)["path"] == "bird/req-1~0.png"
+    stored = json.loads(line)
+    assert (stored["prediction_id"], stored["path"]) == ("p1", "bird/p1.png")
+    assert (stored["request_id"], stored["image_index"]) == ("req", 3)  # kept for correlating logs
     assert not [p for p in (tmp_path / "feedback").rglob(".*")]  # no temp files left behind
 
 
@@ -79,22 +81,22 @@ def test_duplicate_feedback_is_idempotent_and_a_different_label_conflicts(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("request_id", "label", "error", "message"),
+    ("prediction_id", "label", "error", "message"),
     [
         ("a", "dog", InvalidFeedback, "not one of the model's classes"),
         ("a", 3, InvalidFeedback, "not one of the model's classes"),
         ("../escape", "cat", InvalidFeedback, "not a valid id"),
         (".hidden", "cat", InvalidFeedback, "not a valid id"),
-        ("never-seen", "cat", UnknownRequest, "unknown or expired"),
+        ("never-seen", "cat", UnknownPrediction, "never issued, or expired"),
         ("a~0", "cat", InvalidFeedback, "not a valid id"),
     ],
 )
 def test_bad_feedback_is_refused_and_writes_nothing(
-    tmp_path: Path, request_id: object, label: object, error: type, message: str
+    tmp_path: Path, prediction_id: object, label: object, error: type, message: str
 ) -> None:
     store = FeedbackStore(tmp_path, CLASSES)
     with pytest.raises(error, match=message):
-        store.submit(request_id, label, cache_with(prediction("a"), prediction("../escape")))
+        store.submit(prediction_id, label, cache_with(prediction("a"), prediction("../escape")))
     assert len(store) == 0 and not (tmp_path / MANIFEST_FILE).exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
@@ -112,7 +114,7 @@ def test_feedback_survives_a_restart_and_a_torn_last_line(tmp_path: Path) -> Non
     assert manifest.read_bytes() == intact  # the unacknowledged tail is cut
     _, created = reopened.submit("a", "cat", RecentPredictions())
     assert not created
-    with pytest.raises(UnknownRequest, match="no feedback"):
+    with pytest.raises(UnknownPrediction, match="no feedback"):
         reopened.get("c")
     assert [m.accuracy for m in reopened.live_metrics()] == [1.0]
 
@@ -148,27 +150,26 @@ def test_live_metrics_per_variant_and_version(tmp_path: Path) -> None:
 
 def test_each_image_of_a_request_has_its_own_feedback(tmp_path: Path) -> None:
     store = FeedbackStore(tmp_path, CLASSES)
-    recent = cache_with(prediction("r", "cat", index=0), prediction("r", "bird", index=1))
-    first, _ = store.submit("r", "cat", recent, image_index=0)
-    second, created = store.submit("r", "airplane", recent, image_index=1)
+    recent = cache_with(prediction("p0", "cat", index=0), prediction("p1", "bird", index=1))
+    first, _ = store.submit("p0", "cat", recent)
+    second, created = store.submit("p1", "airplane", recent)
     assert created and (first.correct, second.correct) == (True, False)
+    assert (first.image_index, second.image_index) == (0, 1)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
-        "airplane/r~1.png",
-        "cat/r~0.png",
+        "airplane/p1.png",
+        "cat/p0.png",
     ]
-    assert store.get("r", 1).predicted == "bird"
-    with pytest.raises(UnknownRequest, match="image 2 of request 'r'"):
-        store.submit("r", "cat", recent, image_index=2)
-    with pytest.raises(InvalidFeedback, match="image index -1"):
-        store.submit("r", "cat", recent, image_index=-1)
+    assert store.get("p1").predicted == "bird"
+    with pytest.raises(UnknownPrediction, match="'p2'"):
+        store.submit("p2", "cat", recent)
 
 
 def test_shadow_predictions_are_recorded_and_scored(tmp_path: Path) -> None:
     store = FeedbackStore(tmp_path, CLASSES)
     recent = cache_with(prediction("a", "cat"), prediction("b", "bird"))
-    recent.add_shadow(feedback_key("a"), "challenger", "bird", "2")
-    recent.add_shadow(feedback_key("b"), "challenger", "bird", "2")
-    recent.add_shadow(feedback_key("gone"), "challenger", "bird", "2")  # evicted meanwhile: nothing happens
+    recent.add_shadow("a", "challenger", "bird", "2")
+    recent.add_shadow("b", "challenger", "bird", "2")
+    recent.add_shadow("gone", "challenger", "bird", "2")  # evicted meanwhile: nothing happens
     store.submit("a", "bird", recent)
     store.submit("b", "bird", recent)
     record = json.loads((tmp_path / MANIFEST_FILE).read_text().splitlines()[0])
@@ -191,5 +192,22 @@ def test_a_manifest_line_without_the_newer_fields_still_loads(tmp_path: Path) ->
         "received_at": "2026-11-01T00:00:00.000+00:00",
     }
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(line) + "\n")
-    record = FeedbackStore(tmp_path, CLASSES).get("old")
-    assert (record.image_index, record.shadows, record.correct) == (0, {}, True)
+    record = FeedbackStore(tmp_path, CLASSES).get("old~0")  # keyed as stores before prediction ids were
+    assert (record.image_index, record.shadows, record.correct, record.prediction_id) == (0, {}, True, "")
+
+
+def test_a_restart_keeps_lines_it_cannot_read_and_cuts_only_a_torn_tail(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path, CLASSES)
+    recent = cache_with(prediction("a"), prediction("b"), prediction("c"))
+    for prediction_id in "abc":
+        store.submit(prediction_id, "cat", recent)
+    manifest = tmp_path / MANIFEST_FILE
+    first, second, third = manifest.read_bytes().splitlines(keepends=True)
+    newer = (json.dumps(json.loads(second) | {"from_the_future": {"x": 1}}) + "\n").encode()
+    kept = first + b"[1, 2]\n" + newer + b"\xff not utf-8\n" + third
+    manifest.write_bytes(kept + b'{"prediction_id": "d", "label": "ca')
+    reopened = FeedbackStore(tmp_path, CLASSES)
+    assert len(reopened) == 3 and [reopened.get(i).label for i in "abc"] == ["cat"] * 3
+    assert manifest.read_bytes() == kept  # only the unterminated tail is gone
+    reopened.submit("d", "bird", cache_with(prediction("d")))
+    assert len(FeedbackStore(tmp_path, CLASSES)) == 4  # the next append starts on a line of its own

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cifarlab.export.onnx import export_onnx
 from cifarlab_contract.drift import softmax
-from cifarlab_contract.feedback import FeedbackRecord, feedback_key
+from cifarlab_contract.feedback import FeedbackRecord
 from cifarlab_contract.model import contract_metadata
 from serve import service as service_module
 from serve.model import LoadedModel, ModelLoadError
@@ -81,22 +81,23 @@ def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
     http: httpx.Client, ab_traffic: Traffic, ab_server: Server
 ) -> None:
     shadowed = shadow_predictions(http)
-    request_id = predict(http, "dave", images=2).json()["request_id"]
+    answer = predict(http, "dave", images=2).json()
+    request_id, prediction_id = answer["request_id"], answer["predictions"][1]["prediction_id"]
     wait_until(lambda: shadow_predictions(http) >= shadowed + 2, "the challenger scored the shadow copy")
-    body = {"request_id": request_id, "label": "truck", "image_index": 1}
+    body = {"prediction_id": prediction_id, "label": "truck"}
     stored = http.post("/v1/feedback", json=body)
     assert stored.status_code == 201, stored.text
     record = stored.json()
-    assert record["created"] and record["label"] == "truck" and record["image_index"] == 1
+    assert record["created"] and record["label"] == "truck" and record["prediction_id"] == prediction_id
+    assert (record["request_id"], record["image_index"]) == (request_id, 1)
     assert record["variant"] == "champion" and set(record["shadows"]) == {"challenger"}
     assert record["correct"] == (record["predicted"] == "truck")
 
     root = Path(ab_server.env["FEEDBACK_DIR"])
-    image = np.asarray(Image.open(root / "truck" / f"{request_id}~1.png"))
+    image = np.asarray(Image.open(root / "truck" / f"{prediction_id}.png"))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     lines = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
-    assert {(line["request_id"], line["image_index"]) for line in lines} >= {(request_id, 1)}
-    assert {line["request_id"] for line in lines} >= set(ab_traffic.feedback)
+    assert {line["prediction_id"] for line in lines} >= {prediction_id, *ab_traffic.feedback}
 
     again = http.post("/v1/feedback", json=body)
     assert again.status_code == 200 and again.json() == {**record, "created": False}  # idempotent
@@ -108,10 +109,10 @@ def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
-        ({"request_id": "never-made", "label": "cat"}, 404, "unknown_request"),
-        ({"request_id": "REQUEST", "label": "unicorn"}, 422, "invalid_feedback"),
-        ({"request_id": "REQUEST", "label": "cat", "image_index": 5}, 404, "unknown_request"),
-        ({"request_id": "REQUEST", "label": "cat", "image_index": -1}, 422, "invalid_request"),
+        ({"prediction_id": "0" * 32, "label": "cat"}, 404, "unknown_prediction"),  # never issued
+        ({"prediction_id": "PREDICTION", "label": "unicorn"}, 422, "invalid_feedback"),
+        ({"prediction_id": "../escape", "label": "cat"}, 422, "invalid_request"),
+        ({"request_id": "PREDICTION", "label": "cat"}, 422, "invalid_request"),  # the field API 1.1 removed
         ({"label": "cat"}, 422, "invalid_request"),
     ],
 )
@@ -120,8 +121,7 @@ def test_bad_feedback_is_a_4xx_and_stores_nothing(
 ) -> None:
     manifest = Path(ab_server.env["FEEDBACK_DIR"]) / "manifest.jsonl"
     before = manifest.read_bytes()
-    if body.get("request_id") == "REQUEST":
-        body = {**body, "request_id": ab_traffic.request_ids[-1]}
+    body = {key: ab_traffic.prediction_ids[-1] if value == "PREDICTION" else value for key, value in body.items()}
     response = http.post("/v1/feedback", json=body)
     assert response.status_code == status and response.json()["error"]["code"] == code, response.text
     assert manifest.read_bytes() == before
@@ -221,7 +221,7 @@ def test_a_shadow_that_falls_behind_loses_copies_not_answers(
     assert [a.variant for a in answers] == ["champion", "champion"] and answers[0].probabilities.shape == (3, 10)
     dropped = service.metrics.registry.get_sample_value("cifarlab_shadow_dropped_total", {"variant": "challenger"})
     assert dropped == 2
-    assert service.recent is not None and service.recent.get(feedback_key("r1", 2)).shadows == {}
+    assert service.recent is not None and service.recent.get(answers[1].prediction_ids[2]).shadows == {}
 
 
 def test_feedback_sent_before_the_shadow_has_answered_waits_for_it_and_scores_it(
@@ -244,9 +244,9 @@ def test_feedback_sent_before_the_shadow_has_answered_waits_for_it_and_scores_it
 
         shadow.batcher._infer = slow_infer
         try:
-            await service.predict(np.zeros((1, 32, 32, 3), dtype=np.uint8), "champion", "early")
+            answer = await service.predict(np.zeros((1, 32, 32, 3), dtype=np.uint8), "champion", "early")
             started = time.perf_counter()
-            record, created = await service.submit_feedback("early", "cat", 0)
+            record, created = await service.submit_feedback(answer.prediction_ids[0], "cat")
             assert created
             return time.perf_counter() - started, record
         finally:

@@ -345,7 +345,10 @@ def test_v2_uses_the_same_variants_feedback_drift_and_metrics_as_v1(ab_v2_server
             answer = http.post(path, json=body, headers={"X-Client-ID": "alice"}).json()
             assert answer["parameters"]["variant"] == name and answer["model_version"] == version
             answered[name] += 2
-        feedback = http.post("/v1/feedback", json={"request_id": answer["parameters"]["request_id"], "label": "cat"})
+        prediction_ids = answer["parameters"]["prediction_ids"]
+        assert len(prediction_ids) == 2 and len(set(prediction_ids)) == 2, prediction_ids  # one per image
+        prediction_id = prediction_ids[0]
+        feedback = http.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "cat"})
         assert feedback.status_code == 201, feedback.text
         assert feedback.json()["variant"] == "canary" and feedback.json()["version"] == versions["canary"]
         drift = http.get("/v1/drift").json()["variants"]["champion"]  # the trained model carries its reference

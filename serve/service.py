@@ -46,6 +46,10 @@ class FeedbackDisabled(Exception):
     """Feedback is off: the server was started without FEEDBACK_DIR."""
 
 
+# The rows a variant's batcher answers: per image, [logits, probabilities] (Variant._infer)
+OUTPUTS_LOGITS, OUTPUTS_PROBABILITIES = 0, 1
+
+
 @dataclass(frozen=True)
 class Answer:
     probabilities: np.ndarray  # [N, classes]
@@ -89,14 +93,16 @@ class Variant:
         return self.drift.report()
 
     def _infer(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
-        """Runs on the batcher's worker thread: the model call. Logits, not probabilities, so that a request can
-        have both; softmax is row-wise and costs microseconds, so each request takes its own (Service.predict)."""
+        """Runs on the batcher's worker thread: the model call and softmax, once per batch. Each row is the image's
+        [logits, probabilities] (OUTPUTS_LOGITS, OUTPUTS_PROBABILITIES): the batcher hands each request its rows,
+        and the v2 API answers both."""
         model = self.current()  # read once: the whole batch runs on one model
-        return model.logits(images), model
+        logits = model.logits(images)
+        return np.stack([logits, softmax(logits)], axis=1), model
 
-    def _record(self, images: np.ndarray, logits: np.ndarray, model: LoadedModel, seconds: float) -> None:
+    def _record(self, images: np.ndarray, outputs: np.ndarray, model: LoadedModel, seconds: float) -> None:
         """After the batch's answers: metrics and the drift window."""
-        probabilities = softmax(logits)
+        probabilities = outputs[:, OUTPUTS_PROBABILITIES]
         self.metrics.inference_duration.labels(variant=self.name).observe(seconds)
         self.metrics.batch_size.labels(variant=self.name).observe(len(images))
         self.metrics.record_predictions(self.name, model.classes, probabilities)
@@ -179,11 +185,11 @@ class Service:
         for a later true label. `request_id` only goes into the records, for correlating logs."""
         variant = self.variants[variant_name]
         try:
-            logits, model = await variant.batcher.submit(images)
+            outputs, model = await variant.batcher.submit(images)
         except Overloaded:
             self.metrics.shed.labels(variant=variant_name).inc()
             raise
-        probabilities = softmax(logits)
+        logits, probabilities = outputs[:, OUTPUTS_LOGITS], outputs[:, OUTPUTS_PROBABILITIES]
         ids = tuple(new_prediction_id() for _ in range(len(images)))
         if self.recent is not None:
             self._remember(ids, request_id, images, probabilities, model, variant_name)
@@ -341,7 +347,7 @@ class Service:
 
     async def _shadow(self, name: str, images: np.ndarray, ids: tuple[str, ...], request_id: str) -> None:
         try:
-            logits, model = await self.variants[name].batcher.submit(images)
+            outputs, model = await self.variants[name].batcher.submit(images)
         except (
             BatchFailed,
             ShuttingDown,
@@ -352,7 +358,7 @@ class Service:
             )
             return
         if self.recent is not None:
-            for prediction_id, best in zip(ids, logits.argmax(axis=1), strict=True):  # the probabilities' argmax
+            for prediction_id, best in zip(ids, outputs[:, OUTPUTS_PROBABILITIES].argmax(axis=1), strict=True):
                 self.recent.add_shadow(prediction_id, name, model.classes[best], model.version)
 
     def _in_background(self, coroutine: Any) -> asyncio.Task[None]:

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from cifarlab.export.onnx import export_onnx
-from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord
 from cifarlab_contract.model import contract_metadata
 from serve import service as service_module
@@ -236,11 +235,11 @@ def test_feedback_sent_before_the_shadow_has_answered_waits_for_it_and_scores_it
     async def feedback_right_after_the_answer() -> tuple[float, FeedbackRecord]:
         await service.start()
         shadow = service.variants["challenger"]
-        model = shadow.current()
+        infer = shadow.batcher._infer
 
         def slow_infer(images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
             time.sleep(0.5)  # the shadow is busy: the client's feedback arrives first
-            return softmax(model.logits(images)), model
+            return infer(images)
 
         shadow.batcher._infer = slow_infer
         try:

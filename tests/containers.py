@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent  # tests.conftest's ROOT: that module imports this one
 TEST_IMAGE = "cifarlab-serve:test"
 BUILD_TIMEOUT_S = 1800  # a cold build here: the base made with debootstrap (~80 s) and the image (~80 s)
+HEALTHY_WITHIN_S = 60
 
 
 def make(
@@ -124,3 +125,30 @@ def serve_image(docker_engine: dict[str, str], tmp_path_factory: pytest.TempPath
             assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
             (directory / "image-built").touch()
     return TEST_IMAGE
+
+
+def run_container(image: str, name: str, port: int, *args: str) -> str:
+    """A detached container named `name`, polled for health every second (the image checks every 10 s)."""
+    docker("rm", "--force", name, check=False)
+    docker("run", "--detach", "--name", name, "--health-interval", "1s", *publish_flags(port), *args, image)
+    return name
+
+
+def wait_healthy(container: str, timeout: float) -> float:
+    """Seconds until Docker reports the container healthy (its HEALTHCHECK, i.e. /readyz, passed)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        status = docker("inspect", "--format", "{{.State.Status}} {{.State.Health.Status}}", container).stdout.split()
+        if status == ["running", "healthy"]:
+            return time.monotonic() - started
+        assert status[0] == "running", docker("logs", container).stderr[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"not healthy after {timeout} s:\n{docker('logs', container).stderr[-3000:]}")
+
+
+@pytest.fixture
+def container_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A name for the test's container, removed afterwards whatever the test did."""
+    name = f"cifarlab-test-{os.getpid()}-{request.node.name[:40]}".replace("[", "-").replace("]", "")
+    yield name
+    docker("rm", "--force", name, check=False)

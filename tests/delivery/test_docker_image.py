@@ -16,38 +16,20 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.containers import docker, error_lines, free_port, make, publish_flags, wait_for_exit
+from tests.containers import (
+    HEALTHY_WITHIN_S,
+    docker,
+    error_lines,
+    free_port,
+    make,
+    run_container,
+    wait_for_exit,
+    wait_healthy,
+)
 from tests.serve.test_serve_api import png
 from tests.serve.test_serve_lifecycle import raw_predict_request, read_response
 
-HEALTHY_WITHIN_S = 60
 STOP_GRACE_S = 10  # docker stop's default before it sends SIGKILL
-
-
-def run_container(image: str, name: str, port: int, *args: str) -> str:
-    """A detached container named `name`, polled for health every second (the image checks every 10 s)."""
-    docker("rm", "--force", name, check=False)
-    docker("run", "--detach", "--name", name, "--health-interval", "1s", *publish_flags(port), *args, image)
-    return name
-
-
-def wait_healthy(container: str, timeout: float) -> float:
-    """Seconds until Docker reports the container healthy (its HEALTHCHECK, i.e. /readyz, passed)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        status = docker("inspect", "--format", "{{.State.Status}} {{.State.Health.Status}}", container).stdout.split()
-        if status == ["running", "healthy"]:
-            return time.monotonic() - started
-        assert status[0] == "running", docker("logs", container).stderr[-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"not healthy after {timeout} s:\n{docker('logs', container).stderr[-3000:]}")
-
-
-@pytest.fixture
-def container_name(request: pytest.FixtureRequest) -> str:
-    name = f"cifarlab-test-{os.getpid()}-{request.node.name[:40]}".replace("[", "-").replace("]", "")
-    yield name
-    docker("rm", "--force", name, check=False)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ The runs below are real: a venv made by the system Python, uv installed by pip f
 of a small lock cut from requirements/train.txt (the same pins and hashes)."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -44,9 +45,9 @@ def small_lock(path: Path, *packages: str, broken_hashes: str = "") -> Path:
     return path
 
 
-def set_up(venv: Path, lock: Path, *extra: str) -> subprocess.CompletedProcess:
+def set_up(venv: Path, lock: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, str(SCRIPT), "--venv", str(venv), "--lock", str(lock), "--no-torch", "--no-project"]
-    return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600)
+    return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600, env=env)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -108,7 +109,8 @@ def test_a_set_up_cut_short_is_finished_by_the_next_run(tmp_path: Path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")  # cut off while the venv was being made: a Python that cannot run
-    result = set_up(venv, small_lock(tmp_path / "lock.txt", "zipp"))
+    environment = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # as on CI machines: imports cache nothing
+    result = set_up(venv, small_lock(tmp_path / "lock.txt", "zipp"), env=environment)
     assert result.returncode == 0, result.stderr
     assert (venv / ".installed").is_file()
     version = subprocess.run(
@@ -118,3 +120,6 @@ def test_a_set_up_cut_short_is_finished_by_the_next_run(tmp_path: Path):
         check=True,
     ).stdout.strip()
     assert f"zipp=={version}" in setup_venv.locked_block(ROOT / "requirements" / "train.txt", "zipp")
+    # byte-compiled at install, so that processes under PYTHONDONTWRITEBYTECODE do not compile it at each import
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert list((site / "zipp").glob("__pycache__/__init__.cpython-*.pyc"))

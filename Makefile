@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 ##@ Environment and tests
-.PHONY: venv help test pytest test-fast test-shuffled lint format typecheck precommit system-deps clean
+.PHONY: venv help test pytest test-fast test-scaleout test-shuffled lint format typecheck precommit system-deps clean
 
 # Exactly the hash-pinned requirements/train.txt (uv pip sync), torch's CPU build, then this repository; refuses a lock
 # older than pyproject.toml's dependencies; a set-up cut short is finished by the next run (scripts/setup_venv.py).
@@ -29,6 +29,12 @@ pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
 
 test-fast: venv  ## the unit tier: no real server (MLflow, GCS, Prometheus, Docker), no DDP, no trained model
 	$(BIN)/python -m pytest -n auto -m "not integration and not slow" $(ARGS)
+
+# The loopback SLURM cluster runs its daemons as root (slurmd starts jobs as their users): through sudo otherwise, as
+# on CI's hosted runners, whose user has password-less sudo.
+AS_ROOT = $(if $(filter 0,$(shell id -u)),,sudo --preserve-env env "PATH=$$PATH")
+test-scaleout: venv  ## the SLURM scale-out tests alone, as root (through sudo when not root)
+	$(AS_ROOT) $(BIN)/python -m pytest -n auto tests/scaleout $(ARGS)
 
 # Serial by default, so that a seed reproduces the order exactly (ARGS="-n auto" spreads it over the cores).
 # The RNGs are not reseeded before each test: a test sees the random state a normal run gives it, in a new order.

@@ -1,5 +1,6 @@
 """Keeps an ONNX export of the best checkpoint next to the run's checkpoints."""
 
+import threading
 import time
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from cifarlab.data.datamodule import CIFAR10DataModule
-from cifarlab.export.onnx import export_onnx, verify_onnx
+from cifarlab.export.onnx import export_onnx, preload_exporter, verify_onnx
 from cifarlab.export.reference import embed_reference
 from cifarlab.models.module import ImageClassifier
 from cifarlab_contract.model import contract_metadata
@@ -41,6 +42,11 @@ class OnnxExport(Callback):
         self.reference_sample = reference_sample
         self.exported_from: str | None = None
         self.difference: float | None = None
+        self._preload: threading.Thread | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._preload = preload_exporter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Checkpoints are written at the end of each epoch after every other callback has run (Lightning
@@ -78,6 +84,8 @@ class OnnxExport(Callback):
         if not isinstance(datamodule, CIFAR10DataModule):
             raise TypeError(f"ONNX export reads its metadata from a CIFAR10DataModule, got {type(datamodule).__name__}")
         start = time.perf_counter()
+        if self._preload is not None:
+            self._preload.join()  # long done after the first epoch; an import error surfaces in the export itself
         metadata = contract_metadata(
             module.class_names, self.run_id, datamodule.load().manifest_sha256, checkpoint=Path(source).name
         )

@@ -4,7 +4,9 @@ Input `images`, uint8 [N, 32, 32, 3] RGB; output `logits`, float32 [N, num_class
 graph; metadata: classes, run id, data manifest hash, input spec (docs/model-contract.md).
 """
 
+import importlib
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +24,24 @@ from cifarlab_contract.model import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     model = onnx.load(str(path), load_external_data=False)
     return {prop.key: prop.value for prop in model.metadata_props}
+
+
+# What torch.onnx.export(dynamo=True) imports at its first call: the exporter and onnxscript's library of ATen
+# functions, 0.9 s of imports on the build machine (python -X importtime).
+EXPORTER_MODULES = ("torch.onnx._internal.exporter._core", "onnxscript.function_libs.torch_lib.ops")
+
+
+def preload_exporter() -> threading.Thread:
+    """Import the exporter's modules on a background thread, so that an export at the end of training does not wait
+    for them: training runs in torch's own threads meanwhile, outside the GIL. Join it before exporting."""
+
+    def load() -> None:
+        for module in EXPORTER_MODULES:
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name="preload-onnx-exporter", daemon=True)
+    thread.start()
+    return thread
 
 
 def export_onnx(net: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +289,18 @@ def test_callback_exports_the_best_checkpoint_of_a_run(compose_train, monkeypatc
     assert metadata["run_id"] == cfg.run_id
     assert metadata["contract_version"] == "1"
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".model.onnx")]
+
+
+def test_the_exporter_preloads_the_modules_its_first_export_imports() -> None:
+    """In a fresh process: what preload_exporter imports is exactly what an export would import first, so the
+    export at fit end finds it loaded (a module renamed by a torch or onnxscript upgrade fails here)."""
+    script = (
+        "import sys\n"
+        "from cifarlab.export.onnx import EXPORTER_MODULES, preload_exporter\n"
+        "assert not any(name in sys.modules for name in EXPORTER_MODULES), 'loaded before the preload'\n"
+        "preload_exporter().join()\n"
+        "missing = [name for name in EXPORTER_MODULES if name not in sys.modules]\n"
+        "assert not missing, missing\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and not result.stderr, result.stderr

@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,10 +232,12 @@ def median_rows(passes: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     return merged
 
 
-def compare_settings(specs: dict[str, tuple], image: bytes, duration: float, repeats: int) -> dict[str, list]:
-    """Our server under each setting at concurrency 1 and 64, taking turns; medians over the passes."""
+def compare_settings(
+    specs: dict[str, tuple], image: bytes, duration: float, repeats: int, concurrency: Sequence[int] = (1, 64)
+) -> dict[str, list]:
+    """Our server under each setting at each concurrency, taking turns; medians over the passes."""
     with running(specs, image) as servers:
-        passes = [take_turns(servers, [1, 64], duration) for _ in range(repeats)]
+        passes = [take_turns(servers, list(concurrency), duration) for _ in range(repeats)]
     return {label: median_rows([one[label] for one in passes]) for label in specs}
 
 
@@ -373,6 +375,22 @@ def markdown(report: dict) -> str:
                         f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {entry['raw'][f'{prefix}_b1_ms']:.2f} | "
                         f"{entry['raw'][f'{prefix}_b64_ips']:.0f} |"
                     )
+    if "prediction_log" in report:
+        lines += [
+            "",
+            "## The prediction log's cost (the first network, our server; every image logged to a local folder)",
+            "",
+            f"{report['prediction_log_records']} predictions logged in all.",
+            "",
+            "| prediction log | concurrency | req/s | p50 ms | p99 ms | server CPU ms/req |",
+            "|---|---|---|---|---|---|",
+        ]
+        for setting, rows in report["prediction_log"].items():
+            for row in rows:
+                lines.append(
+                    f"| {setting} | {row['concurrency']} | {row['throughput_rps']:.0f} | {row['p50_ms']:.2f} | "
+                    f"{row['p99_ms']:.2f} | {row['server_cpu_ms']:.2f} |"
+                )
     if "load" in report:
         load = report["load"]
         lines += [
@@ -420,6 +438,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="compare ONNX Runtime spin-waiting on vs off and one thread vs one per core",
     )
     parser.add_argument(
+        "--prediction-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare our server without and with the prediction log (PREDICTION_LOG_URL, a local folder)",
+    )
+    parser.add_argument(
         "--base-revision",
         help="a git revision whose serve/ joins the comparison (with today's model files), to show a change's cost",
     )
@@ -457,6 +481,14 @@ def main(argv: list[str] | None = None) -> dict:
         first = args.models[0]
         if args.settings:
             compare_ort_settings(report, files, image, args.duration, args.repeats)
+        if args.prediction_log:
+            print(f"{first}: without and with the prediction log", flush=True)
+            model, log = files / f"{first}.onnx", str(files / "prediction-log")
+            logged = {"no log (default)": ours(model), "prediction log": ours(model, prediction_log_url=log)}
+            report["prediction_log"] = compare_settings(logged, image, args.duration, args.repeats, (16, 64))
+            report["prediction_log_records"] = sum(
+                len(batch.read_text().splitlines()) for batch in Path(log).glob("batches/*/*.jsonl")
+            )
         if args.load_requests:
             print(
                 f"{first}: load run, {args.load_requests} requests at concurrency {args.load_concurrency}", flush=True

@@ -40,10 +40,19 @@ def test_every_server_answers_at_each_concurrency(tmp_path):
     wall_ms = 1000 / raw["ort_b64_ips"]
     assert 0.5 * wall_ms <= raw["ort_b64_cpu_ms"] <= 3 * report["cores"] * wall_ms
     assert "spin" not in report and "threads" not in entry and "load" not in report  # skipped by the flags
+    logged = report["prediction_log"]
+    assert list(logged) == ["no log (default)", "prediction log"]
+    for name, rows in logged.items():
+        assert [row["concurrency"] for row in rows] == [16, 64], name
+        assert all(row["errors"] == 0 and row["requests"] > 0 for row in rows), (name, rows)
+    # every request the logging server answered is in its log once the writer has flushed at shutdown, the
+    # uncounted warm-up requests before each measurement too
+    assert report["prediction_log_records"] >= sum(row["requests"] for row in logged["prediction log"]) > 0
     table = (tmp_path / "serve.md").read_text()
     for name in SERVERS:
         assert table.count(f"| airbench | {name} |") == 2, name
     assert "## ONNX Runtime threads" not in table
+    assert table.count("| prediction log | 16 |") == table.count("| prediction log | 64 |") == 1
     assert "- CPU budget, airbench: 0.85x raw ORT b64" in table
 
 

@@ -338,7 +338,7 @@ def load_run(spec: Spec, image: bytes, total: int, concurrency: int) -> dict[str
 
         def sample(done: int) -> None:
             if done % 1000 == 0:
-                rss.append(_rss_bytes(pid))
+                rss.append(rss_bytes(pid))
 
         result = asyncio.run(
             run_load(HOST, port, spec.requests[""](port, image), concurrency, total=total, on_progress=sample)
@@ -376,7 +376,7 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024

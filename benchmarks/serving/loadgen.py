@@ -63,7 +63,7 @@ def v2_binary_request(
     return head + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = 0
@@ -103,7 +103,7 @@ async def run_load(
                 started = time.perf_counter()
                 writer.write(request)
                 try:
-                    status = await _read_response(reader)
+                    status = await read_response(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     result.errors += 1
                     writer.close()

@@ -238,7 +238,7 @@ def bentoml_peer(model: Path) -> Spec:
 
 def triton_peer(model: Path) -> Spec:
     """Triton through PyTriton (peer_pytriton.py): its dynamic batcher; JPEGs as a BYTES tensor, and uint8 tensors.
-    Triton's Python-backend stub loads libpython from the system's folders: LD_LIBRARY_PATH points it at the
+    Ready once its last model (jpeg) is: Triton says ready before PyTriton has bound its models. Its Python-backend stub loads libpython from the system's folders: LD_LIBRARY_PATH points it at the
     interpreter's own."""
     python = peer_python("pytriton")
     libdir = subprocess.run(
@@ -255,7 +255,7 @@ def triton_peer(model: Path) -> Spec:
         return v2_binary_request(HOST, port, "/v2/models/jpeg/infer", ("jpeg", "BYTES", [1, 1]), data, "probabilities")
 
     requests = {"": jpeg, BINARY: uint8_tensor("/v2/models/images/infer")}
-    return Spec([str(python), "-m", "benchmarks.serving.peer_pytriton"], env, "/v2/health/ready", requests)
+    return Spec([str(python), "-m", "benchmarks.serving.peer_pytriton"], env, "/v2/models/jpeg/ready", requests)
 
 
 @dataclass(frozen=True)

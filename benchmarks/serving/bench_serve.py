@@ -238,7 +238,8 @@ def bentoml_peer(model: Path) -> Spec:
 
 def triton_peer(model: Path) -> Spec:
     """Triton through PyTriton (peer_pytriton.py): its dynamic batcher; JPEGs as a BYTES tensor, and uint8 tensors.
-    Ready once its last model (jpeg) is: Triton says ready before PyTriton has bound its models. Its Python-backend stub loads libpython from the system's folders: LD_LIBRARY_PATH points it at the
+    Ready once its last model (jpeg) is: Triton says ready before PyTriton has bound its models. Its
+    Python-backend stub loads libpython from the system's folders: LD_LIBRARY_PATH points it at the
     interpreter's own."""
     python = peer_python("pytriton")
     libdir = subprocess.run(

@@ -24,7 +24,7 @@ help:  ## this list: every target, by section, with what it does
 
 test: system-deps lint typecheck pytest  ## system packages if missing, lint, type check, then the test suite (.ci/run)
 
-pytest: venv  ## the test suite alone: make pytest ARGS="tests/delivery -x"
+pytest: venv peer-venvs  ## the test suite alone (the serving benchmark's peers' venvs first): make pytest ARGS="tests/delivery -x"
 	$(BIN)/python -m pytest -n auto $(ARGS)
 
 test-fast: venv  ## the unit tier: no real server (MLflow, GCS, Prometheus, Docker), no DDP, no trained model
@@ -119,7 +119,7 @@ feedback-pull: venv  ## download the feedback store at $$FEEDBACK_URI into $$FEE
 	$(BIN)/dvc get-url --force "$(FEEDBACK_URI)" "$(FEEDBACK_DIR)"
 
 ##@ Serving
-.PHONY: serve bench-serve bench-overhead
+.PHONY: serve bench-serve bench-shed bench-overhead peer-venvs
 
 # The newest exported model unless MODEL_URI is set (a path, or models:/<name>@<alias> with MLflow installed).
 MODEL_URI ?= $(shell ls -t runs/*/model.onnx 2>/dev/null | head -n 1)
@@ -130,8 +130,22 @@ serve: venv  ## the API on http://127.0.0.1:8000 (docs at /docs); uvicorn option
 	$(if $(strip $(MODEL_URI)$(VARIANTS)),,@$(NO_MODEL))
 	MODEL_URI="$(MODEL_URI)" $(BIN)/uvicorn serve.app:create_app --factory --host 127.0.0.1 --port 8000 --no-access-log $(ARGS)
 
-bench-serve: venv  ## serving benchmark: serve/ vs a PyTorch-eager baseline and a bare floor; JSON + Markdown
+bench-serve: venv peer-venvs  ## serving benchmark: serve/ vs BentoML, Triton (PyTriton), a bare floor, a PyTorch baseline
 	$(BIN)/python -m benchmarks.serving.bench_serve $(ARGS)
+
+bench-shed: venv  ## load shedding at twice the measured capacity: accepted p99, throughput, RSS; JSON + Markdown
+	$(BIN)/python -m benchmarks.serving.bench_shed $(ARGS)
+
+# Each peer of the serving benchmark in its own virtual environment (BentoML 1.4 needs numpy 2, PyTriton 0.7
+# numpy < 2), exactly its hash-pinned lock (requirements/peer-*.txt, made by make lock-peers from peer-*.in).
+PEERS := bentoml pytriton
+peer-venvs: $(foreach peer,$(PEERS),build/peer-venvs/$(peer)/.installed)  ## the benchmark's peers' virtual environments
+
+build/peer-venvs/%/.installed: requirements/peer-%.txt | venv
+	rm -rf build/peer-venvs/$*
+	$(BIN)/uv venv --quiet --python $(PYTHON) build/peer-venvs/$*
+	$(BIN)/uv pip sync --quiet --require-hashes --python build/peer-venvs/$*/bin/python requirements/peer-$*.txt
+	touch $@
 
 bench-overhead: venv  ## CPU time per request besides the model, each server, in-process; writes JSON + Markdown
 	$(BIN)/python -m benchmarks.serving.overhead $(ARGS)
@@ -166,7 +180,7 @@ dvc-lock: venv  ## regenerate dvc.lock and reports/ by a real dvc repro on the c
 	PATH="$(abspath $(BIN)):$$PATH" scripts/dvc_lock.sh
 
 ##@ Delivery: lock files, the serving image, the release
-.PHONY: lock install-locked docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke release-model docker-publish
+.PHONY: lock lock-peers install-locked docker-engine docker-base docker-wheels docker-build docker-build-baked docker-smoke release-model docker-publish
 
 # The locks are for CI's and the image's platform, wherever they are made. torch's CPU build comes from PyTorch's
 # CPU index ([tool.uv.sources]), or offline from a folder of wheels: TORCH_FIND_LINKS (pip's find-links if set).
@@ -181,6 +195,15 @@ lock:  ## regenerate the hash-pinned lock files from pyproject.toml (torch stays
 	$(LOCK) --extra serve --output-file requirements/serve.txt
 	$(LOCK) --all-extras --no-emit-package torch --output-file requirements/train.txt
 	$(PYTHON) scripts/setup_venv.py --record-digest requirements/serve.txt requirements/train.txt
+
+# PyTriton's wheels are manylinux_2_35 only (this lock is for glibc 2.35 and newer, as its bundled Triton needs)
+PEER_PLATFORM_bentoml := x86_64-manylinux_2_28
+PEER_PLATFORM_pytriton := x86_64-manylinux_2_35
+lock-peers:  ## regenerate the peers' hash-pinned locks requirements/peer-*.txt from requirements/peer-*.in
+	@$(SETUP_VENV) --uv-only
+	$(foreach peer,$(PEERS),$(BIN)/uv pip compile requirements/peer-$(peer).in --generate-hashes --python-version 3.11 \
+		--quiet --python-platform $(PEER_PLATFORM_$(peer)) --custom-compile-command "make lock-peers" \
+		--output-file requirements/peer-$(peer).txt &&) true
 
 install-locked:  ## (CI's name for make venv, which installs from the lock alone) rebuild .venv from the lock now
 	@$(SETUP_VENV)

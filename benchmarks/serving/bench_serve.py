@@ -35,19 +35,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.serving.loadgen import multipart_request, run_load
+from benchmarks.serving.loadgen import multipart_request, run_load, v2_binary_request
 from benchmarks.serving.nets import build
 from cifarlab.export.onnx import export_onnx
 from cifarlab.export.reference import embed_reference
 from cifarlab_contract.classes import CIFAR10_CLASSES
 from cifarlab_contract.model import contract_metadata
 from serve.model import load_model
+from serve.preprocess import decode_image
 from serve.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "cifar10-sample.tar.gz"
 HOST = "127.0.0.1"
 BASELINE = "torch baseline"
+OURS, FLOOR, BENTOML, TRITON = "onnx (serve/)", "bare ASGI floor", "BentoML", "Triton (PyTriton)"
+BINARY = " v2 binary"  # the suffix of a v2-capable server's rows over uint8 binary tensors instead of JPEGs
+MAX_PIXELS = 4096 * 4096  # the service's default max_image_pixels
+V2_NAME = "bench"  # the name our server reports its model by (MODEL_NAME)
+PEER_VENVS = ROOT / "build" / "peer-venvs"
 MEDIAN_KEYS = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms")
 THROUGHPUT_TARGET = 0.85  # of raw ONNX Runtime at batch 64 (the serving issue's target at concurrency >= 16)
 
@@ -113,19 +119,48 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@contextmanager
-def server(app: list[str], env: dict[str, str], probe: str) -> Iterator[tuple[int, int]]:
-    """A uvicorn subprocess on loopback: (port, pid); stopped with SIGTERM on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", *app, "--host", HOST, "--port", str(port), "--no-access-log"]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+Request = Callable[[int, bytes], bytes]  # (port, JPEG) -> the prepared HTTP request
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to start a server (`command`, "{port}" replaced by its port) and what to send it: per row label
+    suffix ("" for the JPEG rows), the request."""
+
+    command: list[str]
+    env: dict[str, str]
+    probe: str
+    requests: dict[str, Request]
+
+
+def uvicorn(*app: str) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", *app, "--host", HOST, "--port", "{port}", "--no-access-log"]
+
+
+def jpeg_upload(path: str, field: str) -> Request:
+    return lambda port, image: multipart_request(HOST, port, path, image, field)
+
+
+def uint8_tensor(path: str) -> Request:
+    """The image decoded as the service decodes it, as a v2 UINT8 [1, 32, 32, 3] binary tensor."""
+    tensor = ("images", "UINT8", [1, 32, 32, 3])
+    return lambda port, image: v2_binary_request(
+        HOST, port, path, tensor, decode_image(image, MAX_PIXELS).tobytes(), "probabilities"
     )
+
+
+@contextmanager
+def server(spec: Spec) -> Iterator[tuple[int, int]]:
+    """A server subprocess on loopback: (port, pid); stopped with SIGTERM on exit."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in spec.command]
+    env = {**os.environ, **{name: value.replace("{port}", str(port)) for name, value in spec.env.items()}}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                urllib.request.urlopen(f"http://{HOST}:{port}{probe}", timeout=1).close()
+                urllib.request.urlopen(f"http://{HOST}:{port}{spec.probe}", timeout=1).close()
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
@@ -137,15 +172,26 @@ def server(app: list[str], env: dict[str, str], probe: str) -> Iterator[tuple[in
         process.wait(30)
 
 
-def ours(model: Path, **settings: str) -> tuple[list[str], dict[str, str], str, str]:
-    env = {"MODEL_URI": str(model), **{k.upper(): v for k, v in settings.items()}}
-    return ["serve.app:create_app", "--factory"], env, "/readyz", "/v1/predict"
+def ours(model: Path, **settings: str) -> Spec:
+    env = {"MODEL_URI": str(model), "MODEL_NAME": V2_NAME, **{k.upper(): v for k, v in settings.items()}}
+    v2 = f"/v2/models/{V2_NAME}/infer"
+    return Spec(
+        uvicorn("serve.app:create_app", "--factory"),
+        env,
+        "/readyz",
+        {"": jpeg_upload("/v1/predict", "files"), BINARY: uint8_tensor(v2)},
+    )
 
 
-def ours_at(tree: Path, model: Path) -> tuple[list[str], dict[str, str], str, str]:
+def ours_at(tree: Path, model: Path) -> Spec:
     """Our server as another checkout's serve/ has it: uvicorn imports the app from `tree` first."""
-    app, env, probe, path = ours(model)
-    return ["--app-dir", str(tree), *app], env, probe, path
+    spec = ours(model)
+    return Spec(
+        uvicorn("--app-dir", str(tree), "serve.app:create_app", "--factory"),
+        spec.env,
+        spec.probe,
+        {"": spec.requests[""]},
+    )
 
 
 @contextmanager
@@ -160,13 +206,57 @@ def checkout(revision: str) -> Iterator[Path]:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
 
 
-def floor(model: Path) -> tuple[list[str], dict[str, str], str, str]:
-    return ["benchmarks.serving.floor_server:app"], {"MODEL_URI": str(model)}, "/readyz", "/v1/predict"
+def floor(model: Path) -> Spec:
+    return Spec(
+        uvicorn("benchmarks.serving.floor_server:app"),
+        {"MODEL_URI": str(model)},
+        "/readyz",
+        {"": jpeg_upload("/v1/predict", "files")},
+    )
 
 
-def baseline(net: str, weights: Path) -> tuple[list[str], dict[str, str], str, str]:
+def baseline(net: str, weights: Path) -> Spec:
     env = {"BASELINE_NET": net, "BASELINE_WEIGHTS": str(weights)}
-    return ["benchmarks.serving.baseline_server:app"], env, "/docs", "/predict"
+    return Spec(uvicorn("benchmarks.serving.baseline_server:app"), env, "/docs", {"": jpeg_upload("/predict", "file")})
+
+
+def peer_python(peer: str) -> Path:
+    """The interpreter of a peer's virtual environment (make peer-venvs); a clear error when it is missing."""
+    python = PEER_VENVS / peer / "bin" / "python"
+    if not (PEER_VENVS / peer / ".installed").exists():
+        raise SystemExit(f"error: {PEER_VENVS / peer} is missing or incomplete: run make peer-venvs (or --no-peers)")
+    return python
+
+
+def bentoml_peer(model: Path) -> Spec:
+    """BentoML 1.4 (peer_bentoml.py): its adaptive batcher, one worker, access log off."""
+    bentoml = str(peer_python("bentoml").parent / "bentoml")
+    command = [bentoml, "serve", "benchmarks.serving.peer_bentoml:Classifier", "--host", HOST, "--port", "{port}"]
+    env = {"MODEL_URI": str(model), "BENTOML_DO_NOT_TRACK": "True"}
+    return Spec(command, env, "/readyz", {"": jpeg_upload("/predict", "images")})
+
+
+def triton_peer(model: Path) -> Spec:
+    """Triton through PyTriton (peer_pytriton.py): its dynamic batcher; JPEGs as a BYTES tensor, and uint8 tensors.
+    Ready once its last model (jpeg) is: Triton says ready before PyTriton has bound its models. Its
+    Python-backend stub loads libpython from the system's folders: LD_LIBRARY_PATH points it at the
+    interpreter's own."""
+    python = peer_python("pytriton")
+    libdir = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    library_path = ":".join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
+    env = {"MODEL_URI": str(model), "HTTP_PORT": "{port}", "LD_LIBRARY_PATH": library_path}
+
+    def jpeg(port: int, image: bytes) -> bytes:
+        data = len(image).to_bytes(4, "little") + image  # a BYTES element: its length, then its bytes
+        return v2_binary_request(HOST, port, "/v2/models/jpeg/infer", ("jpeg", "BYTES", [1, 1]), data, "probabilities")
+
+    requests = {"": jpeg, BINARY: uint8_tensor("/v2/models/images/infer")}
+    return Spec([str(python), "-m", "benchmarks.serving.peer_pytriton"], env, "/v2/models/jpeg/ready", requests)
 
 
 @dataclass(frozen=True)
@@ -179,13 +269,15 @@ class Running:
 
 
 @contextmanager
-def running(specs: dict[str, tuple], image: bytes) -> Iterator[dict[str, Running]]:
-    """Every server in `specs` started at once, for the whole comparison, so that they can take turns."""
+def running(specs: dict[str, Spec], image: bytes) -> Iterator[dict[str, Running]]:
+    """Every server in `specs` started at once, for the whole comparison, so that they can take turns; one entry
+    per server and request (label + suffix)."""
     with ExitStack() as stack:
         servers = {}
-        for label, (app, env, probe, path) in specs.items():
-            port, pid = stack.enter_context(server(app, env, probe))
-            servers[label] = Running(port, pid, multipart_request(HOST, port, path, image))
+        for label, spec in specs.items():
+            port, pid = stack.enter_context(server(spec))
+            for suffix, request in spec.requests.items():
+                servers[label + suffix] = Running(port, pid, request(port, image))
         yield servers
 
 
@@ -196,7 +288,7 @@ def take_turns(servers: dict[str, Running], concurrencies: list[int], duration: 
     for concurrency in concurrencies:
         for label, target in servers.items():
             rows[label].append(http_row(target, concurrency, duration))
-            print(f"  {label:24s} c={concurrency:<3} {_fmt(rows[label][-1])}", flush=True)
+            print(f"  {label:28s} c={concurrency:<3} {_fmt(rows[label][-1])}", flush=True)
     return rows
 
 
@@ -233,28 +325,26 @@ def median_rows(passes: list[list[dict[str, float]]]) -> list[dict[str, float]]:
 
 
 def compare_settings(
-    specs: dict[str, tuple], image: bytes, duration: float, repeats: int, concurrency: Sequence[int] = (1, 64)
+    specs: dict[str, Spec], image: bytes, duration: float, repeats: int, concurrency: Sequence[int] = (1, 64)
 ) -> dict[str, list]:
     """Our server under each setting at each concurrency, taking turns; medians over the passes."""
-    with running(specs, image) as servers:
+    only_jpeg = {label: Spec(s.command, s.env, s.probe, {"": s.requests[""]}) for label, s in specs.items()}
+    with running(only_jpeg, image) as servers:
         passes = [take_turns(servers, list(concurrency), duration) for _ in range(repeats)]
     return {label: median_rows([one[label] for one in passes]) for label in specs}
 
 
-def load_run(spec: tuple, image: bytes, total: int, concurrency: int) -> dict[str, object]:
+def load_run(spec: Spec, image: bytes, total: int, concurrency: int) -> dict[str, object]:
     """`total` requests at `concurrency`; the server's RSS after every 1,000."""
-    app, env, probe, path = spec
-    with server(app, env, probe) as (port, pid):
+    with server(spec) as (port, pid):
         rss: list[int] = []
 
         def sample(done: int) -> None:
             if done % 1000 == 0:
-                rss.append(_rss_bytes(pid))
+                rss.append(rss_bytes(pid))
 
         result = asyncio.run(
-            run_load(
-                HOST, port, multipart_request(HOST, port, path, image), concurrency, total=total, on_progress=sample
-            )
+            run_load(HOST, port, spec.requests[""](port, image), concurrency, total=total, on_progress=sample)
         )
     summary = result.summary()
     first, last = rss[0], rss[-1]
@@ -262,12 +352,34 @@ def load_run(spec: tuple, image: bytes, total: int, concurrency: int) -> dict[st
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (every thread) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+    """User + system CPU time so far of a process and its descendants alive now (every thread), from /proc:
+    BentoML and Triton serve from child processes. A child's time counts from when it is first seen, as
+    http_row takes differences over a run in which the servers' processes do not change."""
+    total = 0.0
+    for process in _tree(pid):
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # ended since it was listed
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+    return total
 
 
-def _rss_bytes(pid: int) -> int:
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from each thread's /proc children list."""
+    found, pending = [], [pid]
+    while pending:
+        process = pending.pop()
+        found.append(process)
+        for children in Path(f"/proc/{process}/task").glob("*/children"):
+            try:
+                pending += [int(child) for child in children.read_text().split()]
+            except FileNotFoundError:
+                continue
+    return found
+
+
+def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -345,6 +457,7 @@ def markdown(report: dict) -> str:
                     f"{bound:.2f} | {row['server_cpu_ms']:.2f} | {row['client_cpu_ms']:.2f} | "
                     f"{cpu_ms * row['throughput_rps'] / 1000:.2f} |"
                 )
+    lines += standing_lines(report)
     if "spin" in report:
         lines += [
             "",
@@ -404,6 +517,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def standing_lines(report: dict) -> list[str]:
+    """The service's throughput over the floor's and over each other server's, per network and concurrency."""
+    lines = ["", "## The service's throughput over each other server's (JPEG rows; v2 binary over v2 binary)", ""]
+    for name, entry in report["models"].items():
+        http = entry["http"]
+        for index, row in enumerate(http[OURS]):
+            others = [label for label in http if label != OURS and not label.endswith(BINARY)]
+            ratios = [f"{label} {row_of(http, label, index, ''):.2f}x" for label in others]
+            if TRITON + BINARY in http and OURS + BINARY in http:
+                ratios.append(f"{TRITON + BINARY} {row_of(http, TRITON, index, BINARY):.2f}x")
+            lines.append(f"- {name}, concurrency {row['concurrency']}: over " + ", ".join(ratios))
+    return lines
+
+
+def row_of(http: dict[str, list[dict]], label: str, index: int, suffix: str) -> float:
+    """Our throughput over `label`'s (both with `suffix`) at the `index`th concurrency."""
+    theirs = http[label + suffix][index]["throughput_rps"]
+    return http[OURS + suffix][index]["throughput_rps"] / max(theirs, 1e-9)
+
+
 def cpu_budget_lines(report: dict) -> list[str]:
     """What the throughput target leaves per request: at THROUGHPUT_TARGET x raw ORT b64 with every core busy,
     the CPU time a request may take, server and load generator together, against what the model alone takes."""
@@ -444,6 +577,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="compare our server without and with the prediction log (PREDICTION_LOG_URL, a local folder)",
     )
     parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="BentoML and Triton (PyTriton) beside the others, from their virtual environments (make peer-venvs)",
+    )
+    parser.add_argument(
         "--base-revision",
         help="a git revision whose serve/ joins the comparison (with today's model files), to show a change's cost",
     )
@@ -464,11 +603,9 @@ def main(argv: list[str] | None = None) -> dict:
             net = build(name)
             onnx_path = export_like_training(net, files / f"{name}.onnx", name)
             torch.save(net.state_dict(), files / f"{name}.pt")
-            specs = {
-                "onnx (serve/)": ours(onnx_path),
-                "bare ASGI floor": floor(onnx_path),
-                BASELINE: baseline(name, files / f"{name}.pt"),
-            }
+            specs = {OURS: ours(onnx_path), FLOOR: floor(onnx_path), BASELINE: baseline(name, files / f"{name}.pt")}
+            if args.peers:
+                specs |= {BENTOML: bentoml_peer(onnx_path), TRITON: triton_peer(onnx_path)}
             if base is not None:
                 specs[f"onnx (serve/ at {args.base_revision})"] = ours_at(base, onnx_path)
             passes = []

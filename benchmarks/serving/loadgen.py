@@ -3,6 +3,7 @@ sending the same prepared request back to back. Far lighter than an HTTP client 
 machine most of the CPU is left to the server under test."""
 
 import asyncio
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -28,11 +29,12 @@ class LoadResult:
         }
 
 
-def multipart_request(host: str, port: int, path: str, blob: bytes, filename: str = "image.jpg") -> bytes:
+def multipart_request(host: str, port: int, path: str, blob: bytes, field: str, filename: str = "image.jpg") -> bytes:
+    """A POST of `blob` as the one file of the multipart form field `field`."""
     boundary = "cifarlabbench"
     body = (
         (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{_field(path)}"; filename="{filename}"\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
             "Content-Type: image/jpeg\r\n\r\n"
         ).encode()
         + blob
@@ -45,11 +47,23 @@ def multipart_request(host: str, port: int, path: str, blob: bytes, filename: st
     return head + body
 
 
-def _field(path: str) -> str:
-    return "files" if path.startswith("/v1/") else "file"  # ours takes several files; the baseline one
+def v2_binary_request(
+    host: str, port: int, path: str, tensor: tuple[str, str, list[int]], data: bytes, output: str
+) -> bytes:
+    """An Open Inference Protocol (v2) infer request with its one input, (name, datatype, shape), as binary tensor
+    data, asking for `output` as binary too (as tritonclient does by default)."""
+    name, datatype, shape = tensor
+    inputs = [{"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": len(data)}}]
+    header = json.dumps({"inputs": inputs, "outputs": [{"name": output, "parameters": {"binary_data": True}}]})
+    body = header.encode() + data
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = 0
@@ -89,7 +103,7 @@ async def run_load(
                 started = time.perf_counter()
                 writer.write(request)
                 try:
-                    status = await _read_response(reader)
+                    status = await read_response(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     result.errors += 1
                     writer.close()

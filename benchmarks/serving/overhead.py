@@ -211,6 +211,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def upload_field(path: str) -> str:
+    return "files" if path.startswith("/v1/") else "file"  # ours and the floor take several files; the baseline one
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="CPU time per request besides the model, each server")
     parser.add_argument("--requests", type=int, default=7_000, help="per server and concurrency")
@@ -222,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         targets = {}
         for name, (factory, path) in servers(Path(scratch)).items():
-            targets[name] = Target(factory(), *http_scope(path, multipart_request("127.0.0.1", 8000, path, image)))
+            targets[name] = Target(
+                factory(), *http_scope(path, multipart_request("127.0.0.1", 8000, path, image, upload_field(path)))
+            )
 
         async def run() -> None:
             async with contextlib.AsyncExitStack() as stack:

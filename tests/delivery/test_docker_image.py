@@ -59,6 +59,11 @@ def test_the_image_serves_a_real_model_as_non_root_without_torch_and_drains_on_s
     assert docker("inspect", "--format", "{{.Config.User}}", container).stdout.strip() == "10001"
     no_torch = docker("exec", container, "python", "-c", "import torch", check=False)
     assert no_torch.returncode == 1 and "No module named 'torch'" in no_torch.stderr
+    # the shared prediction log's backends: a gs:// PREDICTION_LOG_URL needs gcsfs in the image
+    backends = docker(
+        "exec", container, "python", "-c", "import fsspec, gcsfs; print(fsspec.get_filesystem_class('gs'))"
+    )
+    assert backends.stdout.startswith("<class 'gcsfs."), backends.stdout + backends.stderr
 
     head, body = raw_predict_request(png())
     with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:

@@ -154,10 +154,10 @@ def test_the_image_serves_and_logs_under_the_pods_constraints(
     )
     assert smoke.returncode == 0, smoke.stderr + docker("logs", container_name).stderr[-3000:]
     deadline = time.monotonic() + 10  # the log's writer flushes within PREDICTION_LOG_FLUSH_S (1 s)
-    while "predictions" not in (listing := docker("exec", container_name, "ls", "-R", "/tmp/predictions").stdout):
+    while ".jsonl" not in (listing := docker("exec", container_name, "ls", "-R", "/tmp/predictions").stdout):
         assert time.monotonic() < deadline, listing
         time.sleep(0.5)
-    assert ".png" in listing
+    assert ".png" in listing  # the image as the model saw it, beside its batch's records
     pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
     assert docker("exec", container_name, pre_stop[0], "0").returncode == 0
     written = docker("exec", container_name, "touch", "/app/x", check=False)

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 
 from cifarlab.data.prepare import PreparedDataset
 from cifarlab.errors import ConfigError
@@ -122,7 +123,15 @@ def log_dataset(logger: MLFlowLogger, dataset: PreparedDataset) -> None:
     # MetaDataset's profile is abstract in MLflow's stubs only: the class is meant to be used as it is
     meta = MetaDataset(source, name=dataset.root.name, digest=dataset.manifest_sha256[:MAX_DIGEST_LENGTH])  # type: ignore[abstract]
     context = InputTag(key="mlflow.data.context", value="train")
-    logger.experiment.log_inputs(logger.run_id, datasets=[DatasetInput(meta._to_mlflow_entity(), tags=[context])])
+    inputs = [DatasetInput(meta._to_mlflow_entity(), tags=[context])]
+    try:
+        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+    except MlflowException as error:
+        # The server gets or creates the dataset in two steps: sweep jobs starting together on one experiment race
+        # to create it, and the loser's second try finds the winner's row.
+        if "UNIQUE constraint failed: datasets" not in str(error):
+            raise
+        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
 
 
 def log_train_time(logger: MLFlowLogger, seconds: float, cpu_seconds: float | None) -> None:

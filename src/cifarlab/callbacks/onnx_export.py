@@ -1,8 +1,9 @@
 """Keeps an ONNX export of the best checkpoint next to the run's checkpoints."""
 
-import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -13,6 +14,9 @@ from cifarlab.export.onnx import export_onnx, preload_exporter, verify_onnx
 from cifarlab.export.reference import embed_reference
 from cifarlab.models.module import ImageClassifier
 from cifarlab_contract.model import contract_metadata
+
+if TYPE_CHECKING:
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
 
 
 class OnnxExport(Callback):
@@ -42,7 +46,7 @@ class OnnxExport(Callback):
         self.reference_sample = reference_sample
         self.exported_from: str | None = None
         self.difference: float | None = None
-        self._preload: threading.Thread | None = None
+        self._preload: Future[ONNXRegistry] | None = None  # the exporter's registry, being built
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -84,12 +88,12 @@ class OnnxExport(Callback):
         if not isinstance(datamodule, CIFAR10DataModule):
             raise TypeError(f"ONNX export reads its metadata from a CIFAR10DataModule, got {type(datamodule).__name__}")
         start = time.perf_counter()
-        if self._preload is not None:
-            self._preload.join()  # long done after the first epoch; an import error surfaces in the export itself
+        # Long done after the first epoch; an error in the preload (an import) is raised here.
+        registry = self._preload.result() if self._preload is not None else None
         metadata = contract_metadata(
             module.class_names, self.run_id, datamodule.load().manifest_sha256, checkpoint=Path(source).name
         )
-        export_onnx(module.net, self.path, metadata)
+        export_onnx(module.net, self.path, metadata, registry)
         images = datamodule.val_images  # stored shuffled (prepare): a strided slice covers every class
         images = images[:: max(1, len(images) // self.verify_images)][: self.verify_images]
         self.difference = verify_onnx(self.path, module.net, images, self.tolerance)

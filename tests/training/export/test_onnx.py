@@ -15,7 +15,7 @@ from torch import nn
 
 from cifarlab.callbacks.onnx_export import OnnxExport
 from cifarlab.errors import ExportError
-from cifarlab.export.onnx import export_onnx, read_metadata, verify_onnx
+from cifarlab.export.onnx import OPSET, export_onnx, preload_exporter, read_metadata, verify_onnx
 from cifarlab.models.airbench import AirbenchNet
 from cifarlab.models.module import ClassifierNet
 from cifarlab.runtime import user_errors_exit
@@ -296,11 +296,33 @@ def test_the_exporter_preloads_the_modules_its_first_export_imports() -> None:
     export at fit end finds it loaded (a module renamed by a torch or onnxscript upgrade fails here)."""
     script = (
         "import sys\n"
+        "from cifarlab.console import quiet_console\n"
         "from cifarlab.export.onnx import EXPORTER_MODULES, preload_exporter\n"
+        "quiet_console()  # as train.py: the registry's torchvision lines are filtered, anything else shows\n"
         "assert not any(name in sys.modules for name in EXPORTER_MODULES), 'loaded before the preload'\n"
-        "preload_exporter().join()\n"
+        "preload_exporter().result()\n"
         "missing = [name for name in EXPORTER_MODULES if name not in sys.modules]\n"
         "assert not missing, missing\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and not result.stderr, result.stderr
+
+
+def test_an_export_with_the_preloaded_registry_builds_none_and_writes_the_same_model(tmp_path, monkeypatch):
+    """The registry built during training is the one the exporter uses (a torch upgrade that stops asking for it
+    through from_torchlib, or asks for another opset, fails here), and the model is byte for byte the same."""
+    from torch.onnx._internal.exporter import _registration
+
+    registry = preload_exporter().result()
+    metadata = contract_metadata(CIFAR10_CLASSES, "r", MANIFEST_SHA)
+    fresh = export_onnx(tiny_net(), tmp_path / "fresh.onnx", metadata).read_bytes()
+
+    def no_new_registry() -> None:
+        raise AssertionError("the exporter built a registry of its own")
+
+    monkeypatch.setattr(_registration.onnxscript_apis, "get_torchlib_ops", no_new_registry)
+    reused = export_onnx(tiny_net(), tmp_path / "reused.onnx", metadata, registry).read_bytes()
+    assert reused == fresh
+    assert [(opset.domain, opset.version) for opset in onnx.load_from_string(reused).opset_import] == [("", OPSET)]
+    with pytest.raises(AssertionError, match="built a registry"):  # the guard is live: without one, it is built
+        export_onnx(tiny_net(), tmp_path / "again.onnx", metadata)

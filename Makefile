@@ -66,7 +66,7 @@ clean:  ## remove runs/, logs/ and the pytest cache
 	rm -rf runs logs .pytest_cache
 
 ##@ Training and tracking
-.PHONY: train mps-train smoke mlflow-ui mlflow-server compare quantize bench-scaleout
+.PHONY: train mps-train smoke mlflow-ui mlflow-server compare quantize bench-scaleout bench-export
 
 train: venv  ## train on the committed sample (or $$CIFAR10_SOURCE); extra Hydra overrides: make train ARGS="model=resnet18"
 	$(BIN)/python train.py $(ARGS)
@@ -99,6 +99,9 @@ quantize: venv  ## static INT8 copy of an export, kept if it holds its test accu
 
 bench-scaleout: venv system-deps  ## (root) the README's sweep through a loopback SLURM cluster vs hydra/launcher=basic; JSON + Markdown
 	$(BIN)/python -m benchmarks.scaleout.bench_sweep $(ARGS)
+
+bench-export: venv  ## the ONNX export at fit end with and without its preload, fresh processes taking turns; JSON
+	$(BIN)/python -m benchmarks.training.bench_export $(ARGS)
 
 ##@ Model lifecycle: registry, A/B, retraining
 .PHONY: promote ab-report retrain feedback-pull

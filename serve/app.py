@@ -245,7 +245,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request: Request, error: Exception) -> JSONResponse:
         refusal = as_api_error(error)
-        return respond(request, refusal.status, refusal.code, refusal.message, retry_headers(error))
+        return respond(request, refusal.status, refusal.code, refusal.message, retry_headers(error, request.state))
 
     for kind in DOMAIN_ERRORS:
         app.add_exception_handler(kind, domain_error)

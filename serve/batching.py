@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,11 @@ T = TypeVar("T")
 Infer = Callable[[np.ndarray], tuple[np.ndarray, T]]
 # (images, outputs, tag, seconds the model call took) of a batch whose requests have been answered
 Record = Callable[[np.ndarray, np.ndarray, T, float], None]
+# Under load the event loop's queue, not the batcher's, can hold a request longest: it crosses the loop four times
+# (its bytes read, its handler started, its answer handed back, its handler resumed), each about a timer's lateness.
+LOOP_TRIPS = 4
+LOOP_PROBE_S = 0.005  # how often the loop's lateness is sampled
+LAG_SMOOTHING = 0.2  # weight of the newest sample in the smoothed lateness
 _STOP = None  # queued by stop(): the worker finishes what was queued before it, then exits
 
 
@@ -51,25 +56,26 @@ class Overloaded(Exception):
 
 class BatchTimes:
     """Batch seconds ≈ a·n + b, fitted by least squares to the last `window` batches (BentoML's dispatcher
-    models its batches the same way). Appended to by the worker thread, read by the event loop: a deque's append
-    and copy are atomic."""
+    models its batches the same way). The worker thread adds a batch and refits; the event loop reads the line,
+    one tuple swapped whole, so each admission decision costs two multiplications, not a fit."""
 
     def __init__(self, window: int = 64) -> None:
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._line: tuple[float, float] | None = None  # (a, b); None before any batch ran
 
     def add(self, size: int, seconds: float) -> None:
         self._samples.append((size, seconds))
+        sizes, times = np.array(self._samples, dtype=np.float64).T
+        if np.ptp(sizes) == 0:  # one batch size seen: proportional, the best a single size allows
+            self._line = (float(times.mean() / sizes.mean()), 0.0)
+        else:
+            a, b = np.polyfit(sizes, times, 1)
+            self._line = (max(float(a), 0.0), max(float(b), 0.0))
 
     def estimate(self, size: int) -> float | None:
         """Seconds for a batch of `size` images; None before any batch ran."""
-        samples = list(self._samples)
-        if not samples:
-            return None
-        sizes, seconds = np.array(samples, dtype=np.float64).T
-        if np.ptp(sizes) == 0:  # one batch size seen: proportional, the best a single size allows
-            return float(seconds.mean() / sizes.mean() * size)
-        a, b = np.polyfit(sizes, seconds, 1)
-        return float(max(a, 0.0) * size + max(b, 0.0))
+        line = self._line
+        return None if line is None else line[0] * size + line[1]
 
 
 @dataclass
@@ -87,16 +93,20 @@ class MicroBatcher(Generic[T]):
         record: Record[T] | None = None,
         max_latency_ms: float | None = None,
         max_queue: int | None = None,
+        on_shed: Callable[[], None] | None = None,
     ) -> None:
         self._infer = infer
         self._record = record
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         # Load shedding: a request that the fitted batch times say cannot be answered within `max_latency`, or
-        # that finds `max_queue` requests waiting, is refused at once (Overloaded) instead of queueing.
+        # that finds `max_queue` requests waiting, is refused at once (Overloaded) instead of queueing; `on_shed`
+        # is told of each refusal (the service counts them).
         self.max_latency = None if max_latency_ms is None else max_latency_ms / 1000
         self.max_queue = max_queue
+        self._on_shed = on_shed
         self.times = BatchTimes()
+        self.loop_lag_s = 0.0  # smoothed lateness of a timer on the event loop: how long the loop's own queue is
         self._waiting_images = 0  # images queued and not yet taken into a batch
         self._running: tuple[int, float] | None = None  # (images, perf_counter at start) of the batch running
         self._count_lock = threading.Lock()
@@ -104,6 +114,7 @@ class MicroBatcher(Generic[T]):
         # taken from the queue but left for the next batch: the worker's, except when stop() times out while
         # the worker is stuck in a model call and fails it with the rest of the queue
         self._carry: _Item[T] | None = None
+        self._taken = 0.0  # perf_counter when the worker took the first request of the batch it is on
         self._arriving = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,10 +134,22 @@ class MicroBatcher(Generic[T]):
         self._finished = self._loop.create_future()
         # a daemon: a model call that never returns must not keep the process from exiting
         threading.Thread(target=self._work, name="inference", daemon=True).start()
+        if self.max_latency is not None:
+            self._loop.call_later(LOOP_PROBE_S, self._probe_loop, time.perf_counter() + LOOP_PROBE_S)
+
+    def _probe_loop(self, due: float) -> None:
+        """A timer that measures how late it fires, and sets itself again until the batcher stops."""
+        now = time.perf_counter()
+        self.loop_lag_s += LAG_SMOOTHING * (max(now - due, 0.0) - self.loop_lag_s)
+        if not self._closed and self._loop is not None:
+            self._loop.call_later(LOOP_PROBE_S, self._probe_loop, now + LOOP_PROBE_S)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
-        """Mark a request that will submit soon (while its body is read and decoded), so a batch waits for it."""
+        """Mark a request that will submit soon (while its body is read and decoded), so a batch waits for it.
+        Under overload it is refused here (Overloaded), before its body costs anything: counting it and each
+        request still being read ahead of it as one image, the least a request holds, it would be late."""
+        self._admit(1, ahead=self._arriving)
         self._arriving += 1
         try:
             yield
@@ -152,25 +175,32 @@ class MicroBatcher(Generic[T]):
         if full is None:
             return None
         batches, rest = divmod(self._waiting_images + images, self.max_batch_size)
-        seconds = batches * full + ((self.times.estimate(rest) or 0.0) if rest else 0.0)
+        seconds = LOOP_TRIPS * self.loop_lag_s + batches * full + ((self.times.estimate(rest) or 0.0) if rest else 0.0)
         running = self._running
         if running is not None:
             seconds += max((self.times.estimate(running[0]) or 0.0) - (time.perf_counter() - running[1]), 0.0)
         return seconds
 
-    def _admit(self, images: int) -> None:
-        if self.max_queue is not None and self.backlog >= self.max_queue:
-            wait = self.expected_latency(0) or 1.0
-            raise Overloaded(f"{self.backlog} requests are queued, the most allowed; retry later", wait)
+    def _admit(self, images: int, ahead: int = 0) -> None:
+        """Overloaded if a request of `images` images, queued behind `ahead` more requests (one image each) than
+        are queued now, would find the queue full or be answered later than the latency objective."""
+        queued = self.backlog + ahead
+        if self.max_queue is not None and queued >= self.max_queue:
+            self._shed(f"{queued} requests are queued, the most allowed; retry later", self.expected_latency(0) or 1.0)
         if self.max_latency is None:
             return
-        expected = self.expected_latency(images)
+        expected = self.expected_latency(images + ahead)
         if expected is not None and expected > self.max_latency:
-            raise Overloaded(
+            self._shed(
                 f"the server cannot answer within {self.max_latency * 1000:.0f} ms now (about "
                 f"{expected * 1000:.0f} ms of work is ahead); retry later",
                 expected - self.max_latency,
             )
+
+    def _shed(self, message: str, retry_after_s: float) -> NoReturn:
+        if self._on_shed is not None:
+            self._on_shed()
+        raise Overloaded(message, retry_after_s)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, finish everything queued, then stop the worker thread."""
@@ -189,12 +219,13 @@ class MicroBatcher(Generic[T]):
         while running:
             batch, running = self._collect()
             if batch:
-                self._run(batch)
+                self._run(batch, self._taken)
         self._call_on_loop(_resolve, self._finished)
 
     def _collect(self) -> tuple[list[_Item[T]], bool]:
         """The next batch, and False once the stop mark has been seen (everything before it is in the batch)."""
         first = self._carry or self._queue.get()
+        self._taken = time.perf_counter()
         self._carry = None
         if first is _STOP:
             return [], False
@@ -219,7 +250,10 @@ class MicroBatcher(Generic[T]):
             size += len(item.images)
         return batch, True
 
-    def _run(self, batch: list[_Item[T]]) -> None:
+    def _run(self, batch: list[_Item[T]], taken: float) -> None:
+        """Run a batch whose first request the worker took at `taken`. BatchTimes learns the whole turn, taken to
+        answers handed back (gathering, concatenating, waiting for the GIL included): under load the next batch
+        starts only then, so that, not the model call alone, is what a queued request waits for."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         with self._count_lock:
             self._waiting_images -= len(images)
@@ -229,7 +263,6 @@ class MicroBatcher(Generic[T]):
             outputs, tag = self._infer(images)
             seconds = time.perf_counter() - started
             self._running = None
-            self.times.add(len(images), seconds)
             if len(outputs) != len(images):
                 raise ValueError(f"the model returned {len(outputs)} rows for {len(images)} images")
         except Exception as error:
@@ -238,6 +271,7 @@ class MicroBatcher(Generic[T]):
             self._call_on_loop(self._fail, batch, failure)
             return
         self._call_on_loop(self._answer, batch, images, outputs, tag, seconds)
+        self.times.add(len(images), time.perf_counter() - taken)
 
     def _call_on_loop(self, callback: Callable[..., object], *args: object) -> None:
         assert self._loop is not None

@@ -47,9 +47,12 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
 }
 
 
-def retry_headers(error: Exception) -> dict[str, str] | None:
-    """Retry-After for a shed request (whole seconds, at least 1)."""
+def retry_headers(error: Exception, state: Any = None) -> dict[str, str] | None:
+    """Retry-After for a shed request (whole seconds, at least 1); the request's `state` is marked shed, for the
+    log's summary of refusals (serve.middleware)."""
     if isinstance(error, Overloaded):
+        if state is not None:
+            state.shed = True
         return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
     return None
 

@@ -2,6 +2,7 @@
 does not load reported in one line."""
 
 import json
+import math
 import sys
 import time
 import uuid
@@ -36,6 +37,7 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
+        self.shed_summary = ShedSummary(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,16 +69,46 @@ class RequestContextMiddleware:
             variant = state.get("variant", "")  # set by the handlers that ask a model
             metrics.requests.labels(route=route, method=method, status=str(status), variant=variant).inc()
             metrics.request_duration.labels(route=route, method=method, variant=variant).observe(elapsed)
-            fields: dict[str, Any] = {
-                "request_id": request_id,
-                "method": method,
-                "route": route,
-                "path": scope["path"],
-                "status": status,
-                "latency_ms": round(elapsed * 1000, 3),
-                **state.get("log", {}),
-            }
-            self.service.log.info("request", extra=fields)
+            if state.get("shed"):
+                self.shed_summary.count(variant)
+            else:
+                self._log(scope, status, elapsed)
+
+    def _log(self, scope: Scope, status: int, elapsed: float) -> None:
+        state = scope["state"]
+        fields: dict[str, Any] = {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "route": getattr(scope.get("route"), "path", "unmatched"),
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 3),
+            **state.get("log", {}),
+        }
+        self.service.log.info("request", extra=fields)
+
+
+class ShedSummary:
+    """Requests refused under overload, logged as at most one line a second per variant, not one each: at twice
+    the capacity a line per refusal would cost the server more CPU than deciding to refuse. The first refusal is
+    logged at once; the metric cifarlab_shed_total counts every one, a count still open when shedding stops too."""
+
+    def __init__(self, service: Service, every_s: float = 1.0) -> None:
+        self.service = service
+        self.every_s = every_s
+        self._counts: dict[str, int] = {}
+        self._logged = -math.inf  # monotonic time of the last summary
+
+    def count(self, variant: str) -> None:
+        self._counts[variant] = self._counts.get(variant, 0) + 1
+        now = time.monotonic()
+        if now - self._logged < self.every_s:
+            return
+        for name, shed in self._counts.items():
+            fields = {"variant": name, "shed": shed}
+            message = "shed requests since the last summary: over MAX_LATENCY_MS or MAX_QUEUE"
+            self.service.log.warning(message, extra=fields)
+        self._counts, self._logged = {}, now
 
 
 class BodyLimitMiddleware:

@@ -74,6 +74,7 @@ class Variant:
             record=self._record,
             max_latency_ms=settings.max_latency_ms,
             max_queue=settings.max_queue,
+            on_shed=metrics.shed.labels(variant=name).inc,
         )
 
     def current(self) -> LoadedModel:
@@ -184,11 +185,7 @@ class Service:
         off the response path. Each image gets a new prediction id; with feedback on, the images are kept under it
         for a later true label. `request_id` only goes into the records, for correlating logs."""
         variant = self.variants[variant_name]
-        try:
-            outputs, model = await variant.batcher.submit(images)
-        except Overloaded:
-            self.metrics.shed.labels(variant=variant_name).inc()
-            raise
+        outputs, model = await variant.batcher.submit(images)
         logits, probabilities = outputs[:, OUTPUTS_LOGITS], outputs[:, OUTPUTS_PROBABILITIES]
         ids = tuple(new_prediction_id() for _ in range(len(images)))
         if self.recent is not None:

@@ -99,7 +99,7 @@ def _refusal(request: Request, error: Exception) -> Response:
     except KeyError:
         request.app.state.service.log.exception("unhandled error", extra={"request_id": request_id_of(request.scope)})
         return error_response(500, "internal error; see the server log for this request id")
-    return error_response(refusal.status, refusal.message, retry_headers(error))
+    return error_response(refusal.status, refusal.message, retry_headers(error, request.state))
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:

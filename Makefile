@@ -104,7 +104,7 @@ bench-export: venv  ## the ONNX export at fit end with and without its preload, 
 	$(BIN)/python -m benchmarks.training.bench_export $(ARGS)
 
 ##@ Model lifecycle: registry, A/B, retraining
-.PHONY: promote ab-report retrain feedback-pull
+.PHONY: promote ab-report retrain
 
 promote: venv  ## challenger vs champion on the test set; moves champion if better: make promote ARGS="margin=0.005"
 	$(BIN)/python scripts/promote.py $(ARGS)
@@ -112,14 +112,8 @@ promote: venv  ## challenger vs champion on the test set; moves champion if bett
 ab-report: venv  ## challenger vs champion on the served feedback: make ab-report ARGS="--feedback $$FEEDBACK_DIR"
 	$(BIN)/python scripts/ab_report.py $(ARGS)
 
-retrain: venv  ## merge $$FEEDBACK_DIR into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
+retrain: venv  ## merge $$FEEDBACK_DIR (a folder or gs://...) into data/feedback, dvc repro, register a challenger if not worse: make retrain ARGS="tolerance=0.005"
 	$(BIN)/python scripts/retrain.py $(ARGS)
-
-# The service's feedback store, copied (by its deployment) to a bucket: FEEDBACK_URI=gs://<bucket>/<path>
-FEEDBACK_URI ?=
-feedback-pull: venv  ## download the feedback store at $$FEEDBACK_URI into $$FEEDBACK_DIR (GCS credentials as for DVC)
-	@test -n "$(FEEDBACK_URI)" -a -n "$(FEEDBACK_DIR)" || { echo "error: set FEEDBACK_URI (gs://...) and FEEDBACK_DIR" >&2; exit 1; }
-	$(BIN)/dvc get-url --force "$(FEEDBACK_URI)" "$(FEEDBACK_DIR)"
 
 ##@ Serving
 .PHONY: serve bench-serve bench-shed bench-overhead peer-venvs

@@ -44,6 +44,19 @@ from serve.service import Service
 from serve.settings import Settings, load_settings
 from serve.v2 import v2_router
 
+# OpenAPI links: from an answer to feedback on its first image, which a client (and schemathesis's stateful phase) can
+# follow. The label given is the predicted one: feedback that confirms the prediction (201, then 200 the same again).
+PREDICT_LINKS = {
+    "ConfirmFirstPrediction": {
+        "operationRef": "#/paths/~1v1~1feedback/post",
+        "description": "feedback that the first image is what the model said",
+        "requestBody": {
+            "prediction_id": "$response.body#/predictions/0/prediction_id",
+            "label": "$response.body#/predictions/0/label",
+        },
+    },
+}
+
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries: every listed status answers with the JSON error body."""
@@ -58,7 +71,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "invalid input: not an image, truncated or empty file, bad base64, too many images, bad parameters, "
         "a label outside the model's classes",
         500: "the model call failed for the batch this request was in",
-        503: "not ready: model not loaded, or shutting down; or overloaded (MAX_LATENCY_MS, MAX_QUEUE: Retry-After)",
+        503: "not ready: model not loaded, or shutting down; or overloaded (MAX_LATENCY_MS, MAX_QUEUE: Retry-After); "
+        "or the feedback store failed",
     }
     return {status: {"model": ErrorBody, "description": meaning[status]} for status in statuses}
 
@@ -123,7 +137,8 @@ def _add_routes(app: FastAPI, service: Service, follower: AliasFollower) -> None
             methods=["POST"],
             response_model=PredictResponse,
             dependencies=[Depends(require_api_key)],
-            responses=_errors(400, 401, 413, 415, 422, 500, 503),
+            responses={200: {"description": "Successful Response", "links": PREDICT_LINKS}}
+            | _errors(400, 401, 413, 415, 422, 500, 503),
             openapi_extra={"requestBody": _predict_body(settings.max_images_per_request)},
             summary="Classify one or several images",
         ),
@@ -135,14 +150,15 @@ def _add_routes(app: FastAPI, service: Service, follower: AliasFollower) -> None
         status_code=201,
         dependencies=[Depends(require_api_key)],
         responses={
-            **_errors(400, 401, 404, 409, 413, 422),
+            **_errors(400, 401, 404, 409, 413, 422, 503),
             200: {"model": FeedbackResponse, "description": "the same feedback again: nothing new stored"},
         },
         summary="Report the true label of a predicted image",
     )
     async def feedback(body: FeedbackRequest, response: Response) -> FeedbackResponse:
         """Stores the image (as the model saw it) under its true label, in the image-folder layout training reads
-        (FEEDBACK_DIR/<label>/<prediction id>.png, plus manifest.jsonl), durably, before answering. API 1.1: the
+        (FEEDBACK_DIR/<label>/<prediction id>.png, then its record under records/, created only if absent: one
+        label per prediction across all replicas), durably, before answering. API 1.1: the
         body names the server-issued `prediction_id`; the client-chosen `request_id` + `image_index` are gone."""
         record, created = await service.submit_feedback(body.prediction_id, body.label)
         if not created:
@@ -199,7 +215,7 @@ def _add_routes(app: FastAPI, service: Service, follower: AliasFollower) -> None
         if not service.ready:
             raise ApiError(503, "not_ready", "no model loaded, or shutting down")
         # a followed alias whose new version fails to load is shown, not unready: the previous version serves
-        return Readiness(status="ready", following=follower.report())
+        return Readiness(status="ready", following=follower.report(), prediction_log=service.prediction_log_state)
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> PlainTextResponse:

@@ -9,7 +9,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from serve.batching import BatchFailed, Overloaded, ShuttingDown
-from serve.feedback import ConflictingFeedback, FeedbackError, UnknownPrediction
+from serve.feedback import (
+    ConflictingFeedback,
+    FeedbackError,
+    FeedbackStoreFailed,
+    FeedbackStoreUnavailable,
+    UnknownPrediction,
+)
 from serve.preprocess import EmptyImage, ImageTooLarge, InvalidImage
 from serve.service import FeedbackDisabled, NotReady, ReloadFailed, UnknownVariant, VariantRequired
 
@@ -43,6 +49,8 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     FeedbackDisabled: (404, "feedback_disabled"),
     UnknownPrediction: (404, "unknown_prediction"),
     ConflictingFeedback: (409, "conflicting_feedback"),
+    FeedbackStoreFailed: (503, "feedback_store_unavailable"),
+    FeedbackStoreUnavailable: (503, "feedback_store_unavailable"),  # at start-up: the server does not start
     FeedbackError: (422, "invalid_feedback"),
 }
 

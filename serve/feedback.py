@@ -3,36 +3,46 @@
 `RecentPredictions` holds the model inputs of the last requests (bounded in count and in bytes, oldest evicted
 first), with the predictions shadow variants made of the same images, each under the prediction id the server
 issued for it. When a client later names the true label of an image (`POST /v1/feedback`: that prediction id),
-`FeedbackStore` writes it as `<root>/<class>/<prediction id>.png` (the layout `cifarlab.data.prepare` reads for
-`train/`) and appends a line to `<root>/manifest.jsonl`. The ids are random and issued by the server, never by
-the client, so no client can name, overwrite or claim another client's prediction. Both writes are fsynced
-before the call returns, so acknowledged feedback survives a crash; the image is renamed into place before its
-manifest line exists, so no manifest line names a partial image. The store is for one server process (a lock
-guards it; several processes need one store each).
+`FeedbackStore` writes the image as `<root>/<class>/<prediction id>.png` (the layout `cifarlab.data.prepare` reads
+for `train/`) and then its record, `<root>/records/<id[:2]>/<id>.json`, created only if absent (the format:
+cifarlab_contract.feedback). The root is a folder or any fsspec URL, shared by every replica: feedback for one
+prediction is stored once whichever replica takes it, and a second label for it is refused. The ids are random
+and issued by the server, never by the client, so no client can name, overwrite or claim another client's
+prediction. In a folder both writes are fsynced before the call returns, so acknowledged feedback survives a
+crash; on an object store an upload is durable once it returns.
+
+The live metrics count the feedback this process acknowledged since it started (Prometheus counters: replicas
+add up, a restart starts again from 0), never the whole store, which other replicas write too.
 
 Errors map to HTTP statuses: UnknownPrediction 404, InvalidFeedback 422, ConflictingFeedback 409.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
+import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cifarlab_contract.feedback import (
+    INDEX_SEPARATOR,
     MANIFEST_FILE,
     REQUEST_ID_PATTERN,
     FeedbackRecord,
     image_path,
-    read_manifest,
+    open_feedback_store,
+    parse_manifest,
+    record_path,
 )
 from cifarlab_contract.files import atomic_destination, fsync_directory
 from serve.json_logs import get_logger
@@ -130,75 +140,104 @@ class LiveMetrics:
     recall: dict[str, float]  # per label that was the true label at least once
 
 
-class FeedbackStore:
-    """Feedback images in image-folder layout plus an append-only JSON-lines manifest, reloaded at start."""
+class FeedbackStoreUnavailable(Exception):
+    """The feedback store cannot be reached or written at start-up; the message says which and why."""
 
-    def __init__(self, root: str | os.PathLike[str], classes: Sequence[str]) -> None:
-        self.root = Path(root)
+
+class FeedbackStoreFailed(FeedbackError):
+    """The store refused a write or a read just now (unreachable, out of space): nothing was acknowledged."""
+
+
+class FeedbackStore:
+    """Feedback images in image-folder layout, each with its record object, on a folder or an fsspec URL."""
+
+    def __init__(
+        self, url: str | os.PathLike[str], classes: Sequence[str], storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.classes = tuple(classes)
         self._index = {name: i for i, name in enumerate(self.classes)}
-        self._records: dict[str, FeedbackRecord] = {}
+        self._records: dict[str, FeedbackRecord] = {}  # acknowledged by this process, since it started
         self._confusion: dict[tuple[str, str], np.ndarray] = {}
         self._lock = threading.Lock()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.manifest = self.root / MANIFEST_FILE
-        self._load()
+        try:
+            self.source = open_feedback_store(url, storage_options, create=True)
+            self._probe()
+            self._legacy = self._read_legacy()
+        except Exception as error:
+            raise FeedbackStoreUnavailable(f"feedback store {url} is not writable: {error}") from error
 
-    def submit(self, prediction_id: str, label: str, recent: RecentPredictions) -> tuple[FeedbackRecord, bool]:
-        """Store the true `label` of the recent prediction `prediction_id`; returns the record and whether it is new.
+    def submit(self, prediction_id: str, label: str, find: Callable[[str], Prediction]) -> tuple[FeedbackRecord, bool]:
+        """Store the true `label` of the prediction `prediction_id`, which `find` returns (UnknownPrediction if it
+        cannot); returns the record and whether it is new. Blocking: call it off the event loop.
 
-        Repeating the same feedback returns the stored record (created False), even after the cache evicted it.
+        Repeating the same feedback returns the stored record (created False), whichever replica stored it.
         """
         if not isinstance(label, str) or label not in self._index:
             raise InvalidFeedback(f"label {label!r} is not one of the model's classes: {', '.join(self.classes)}")
         if not isinstance(prediction_id, str) or not REQUEST_ID_PATTERN.fullmatch(prediction_id):
             raise InvalidFeedback(f"prediction id {prediction_id!r} is not a valid id (letters, digits, '_.-')")
-        with self._lock:
-            existing = self._records.get(prediction_id)
-            if existing is not None:
-                if existing.label != label:
-                    raise ConflictingFeedback(
-                        f"prediction {prediction_id!r} already has feedback {existing.label!r}; "
-                        f"it cannot become {label!r}"
-                    )
-                return existing, False
-            prediction = recent.get(prediction_id)
-            relative = image_path(label, prediction_id)
-            self._write_image(self.root / relative, prediction.image)
-            record = FeedbackRecord(
-                prediction_id=prediction_id,
-                request_id=prediction.request_id,
-                label=label,
-                predicted=prediction.predicted,
-                correct=prediction.predicted == label,
-                confidence=float(prediction.confidence),
-                variant=prediction.variant,
-                version=prediction.version,
-                path=relative,
-                received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                image_index=prediction.image_index,
-                shadows={
-                    variant: {"predicted": predicted, "version": version, "correct": predicted == label}
-                    for variant, (predicted, version) in prediction.shadows.items()
-                },
+        try:
+            return self._submit(prediction_id, label, find)
+        except FeedbackError:
+            raise
+        except Exception as error:  # the store, not the request: the client may retry, and nothing was stored
+            get_logger().error(
+                "feedback store failed; feedback not stored",
+                extra={"event": "feedback", "url": self.source.url, "reason": str(error)},
             )
-            self._append(record)
+            raise FeedbackStoreFailed(f"the feedback store cannot take it now ({error}); retry later") from error
+
+    def _submit(self, prediction_id: str, label: str, find: Callable[[str], Prediction]) -> tuple[FeedbackRecord, bool]:
+        existing = self._stored(prediction_id)
+        if existing is not None:
+            return self._same(existing, label), False
+        prediction = find(prediction_id)
+        relative = image_path(label, prediction_id)
+        self._write_image(relative, prediction.image)
+        record = FeedbackRecord(
+            prediction_id=prediction_id,
+            request_id=prediction.request_id,
+            label=label,
+            predicted=prediction.predicted,
+            correct=prediction.predicted == label,
+            confidence=float(prediction.confidence),
+            variant=prediction.variant,
+            version=prediction.version,
+            path=relative,
+            received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            image_index=prediction.image_index,
+            shadows={
+                variant: {"predicted": predicted, "version": version, "correct": predicted == label}
+                for variant, (predicted, version) in prediction.shadows.items()
+            },
+        )
+        try:
+            self._create(record_path(prediction_id), record.to_line().encode())
+        except FileExistsError:  # another replica (or request) stored feedback for it in between: theirs stands
+            winner = self._stored(prediction_id)
+            assert winner is not None
+            if winner.path != relative:
+                self.source.fs.rm_file(self.source.path(relative))  # not acknowledged: not training data
+            return self._same(winner, label), False
+        with self._lock:
+            self._records[record.key] = record
             self._add(record)
         return record, True
 
     def get(self, key: str) -> FeedbackRecord:
         """The feedback stored under `key`: a prediction id (or, in an older store, `<request id>~<index>`)."""
-        with self._lock:
-            record = self._records.get(key)
+        record = self._stored(key)
         if record is None:
             raise UnknownPrediction(f"no feedback for prediction {key!r}")
         return record
 
     def __len__(self) -> int:
+        """Feedback acknowledged by this process since it started."""
         return len(self._records)
 
     def live_metrics(self) -> list[LiveMetrics]:
-        """Per (variant, version): accuracy, and per-label precision and recall over all feedback received."""
+        """Per (variant, version): accuracy, and per-label precision and recall over the feedback this process
+        acknowledged."""
         with self._lock:
             confusions = {key: matrix.copy() for key, matrix in sorted(self._confusion.items())}
         metrics = []
@@ -218,7 +257,7 @@ class FeedbackStore:
         return metrics
 
     def feedback_counts(self) -> dict[tuple[str, bool], int]:
-        """Feedback received per (variant, correct), shadow variants included."""
+        """Feedback acknowledged by this process per (variant, correct), shadow variants included."""
         counts: dict[tuple[str, bool], int] = {}
         with self._lock:
             for record in self._records.values():
@@ -227,41 +266,76 @@ class FeedbackStore:
                     counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def _write_image(self, path: Path, image: np.ndarray) -> None:
-        with atomic_destination(path, durable=True) as temp:
-            Image.fromarray(image).save(temp, format="PNG")
+    def _same(self, existing: FeedbackRecord, label: str) -> FeedbackRecord:
+        if existing.label != label:
+            raise ConflictingFeedback(
+                f"prediction {existing.key!r} already has feedback {existing.label!r}; it cannot become {label!r}"
+            )
+        return existing
 
-    def _append(self, record: FeedbackRecord) -> None:
-        line = record.to_line()
-        created = not self.manifest.exists()
-        with open(self.manifest, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if created:
-            fsync_directory(self.root)
+    def _stored(self, key: str) -> FeedbackRecord | None:
+        """This process's record, an older store's manifest line, or the record object any replica wrote."""
+        with self._lock:
+            record = self._records.get(key) or self._legacy.get(key)
+        if record is not None or INDEX_SEPARATOR in key:  # older keys live in the manifest only
+            return record
+        try:
+            return self.source.read_record(key)
+        except ValueError:  # a record object this version cannot read: kept, and the prediction is taken
+            get_logger().warning(
+                "feedback record unreadable; kept in the store, taken as stored",
+                extra={"event": "feedback", "path": record_path(key)},
+            )
+            raise ConflictingFeedback(f"prediction {key!r} already has feedback this server cannot read") from None
 
-    def _load(self) -> None:
-        """Read the manifest. Only a torn last line (a crash mid-append, never acknowledged) is cut off; a line
-        this version cannot read stays in the file, named in one warning."""
-        if not self.manifest.exists():
+    def _write_image(self, relative: str, image: np.ndarray) -> None:
+        if self.source.local:
+            with atomic_destination(Path(self.source.path(relative)), durable=True) as temp:
+                Image.fromarray(image).save(temp, format="PNG")
             return
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        self.source.fs.pipe_file(self.source.path(relative), buffer.getvalue())
+
+    def _create(self, relative: str, data: bytes) -> None:
+        """Write `data` at `relative` only if nothing is there (FileExistsError otherwise), durably and whole."""
+        if not self.source.local:
+            self.source.fs.pipe_file(self.source.path(relative), data, mode="create")  # a generation precondition
+            return
+        path = Path(self.source.path(relative))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # hidden, and this writer's own
+        try:
+            with open(staged, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(staged, path)  # atomic, and fails if the record exists: exactly one writer wins
+        finally:
+            staged.unlink(missing_ok=True)
+        fsync_directory(path.parent)
+
+    def _probe(self) -> None:
+        probe = self.source.path(f".probe-{uuid.uuid4().hex[:8]}")
+        self.source.fs.pipe_file(probe, b"ok")
+        self.source.fs.rm_file(probe)
+
+    def _read_legacy(self) -> dict[str, FeedbackRecord]:
+        """An older store's manifest: read once (one file), never written; what does not parse is reported."""
+        try:
+            data = self.source.read(MANIFEST_FILE)
+        except FileNotFoundError:
+            return {}
         skipped: list[int] = []
-        records, good_end = read_manifest(self.manifest, skipped)
-        for record in records:
-            self._add(record)
+        records, _ = parse_manifest(data, skipped)
         if skipped:
             get_logger().warning(
                 "feedback manifest lines skipped: not records this version can read; kept in the file",
-                extra={"event": "startup", "manifest": str(self.manifest), "lines": skipped},
+                extra={"event": "startup", "manifest": self.source.path(MANIFEST_FILE), "lines": skipped},
             )
-        if good_end < self.manifest.stat().st_size:
-            with open(self.manifest, "r+b") as handle:
-                handle.truncate(good_end)
-                os.fsync(handle.fileno())
+        return {record.key: record for record in records}
 
     def _add(self, record: FeedbackRecord) -> None:
-        self._records[record.key] = record
         size = len(self.classes)
         for variant, version, predicted in record.outcomes():
             matrix = self._confusion.setdefault((variant, version), np.zeros((size, size), dtype=np.int64))

@@ -87,6 +87,7 @@ class PredictionLog:
         self._closing = False
         self._batches = 0
         self._thread: threading.Thread | None = None
+        self._local = False
         self.log = get_logger()
         self.written = Counter("cifarlab_prediction_log_written", "Predictions written to the log", registry=registry)
         self.failed = Counter(
@@ -101,7 +102,7 @@ class PredictionLog:
         import fsspec  # type: ignore[import-untyped]  # here: a server without a log never imports it
 
         try:
-            local = fsspec.utils.get_protocol(self.url) in ("file", "local")
+            self._local = local = fsspec.utils.get_protocol(self.url) in ("file", "local")
             options = {"auto_mkdir": True, **self.storage_options} if local else self.storage_options  # folders
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
             probe = f"{self.root}/.probe-{self.writer}"
@@ -126,13 +127,21 @@ class PredictionLog:
 
     def lookup(self, prediction_id: str) -> tuple[dict[str, Any], np.ndarray] | None:
         """The record and image of a logged prediction (any replica's), or None. Blocking: call it off the loop."""
+        path = f"{self.root}/{LoggedPrediction.image_path(prediction_id)}"
         try:
-            data = self.fs.cat_file(f"{self.root}/{LoggedPrediction.image_path(prediction_id)}")
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        with Image.open(io.BytesIO(data)) as image:
-            record = json.loads(image.text[RECORD_CHUNK])  # type: ignore[attr-defined]  # PNG text chunks
-            return record, np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                record = json.loads(image.text[RECORD_CHUNK])  # type: ignore[attr-defined]  # PNG text chunks
+                return record, np.asarray(image.convert("RGB"))
+        except (OSError, KeyError, ValueError) as error:  # written by a replica killed mid-write: not logged
+            self.log.warning(
+                "prediction log image unreadable; taken as not logged",
+                extra={"event": "prediction_log", "path": path, "reason": str(error)},
+            )
+            return None
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
@@ -141,6 +150,18 @@ class PredictionLog:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+
+    def _put(self, files: dict[str, bytes]) -> None:
+        """Write whole objects. An object store shows an upload only once it is complete; in a folder each file is
+        written under a hidden name and renamed into place, so a process killed mid-write leaves no torn file."""
+        if not self._local:
+            self.fs.pipe(files)
+            return
+        for path, data in files.items():
+            folder, name = path.rsplit("/", 1)
+            temp = f"{folder}/.{name}.{self.writer}.tmp"
+            self.fs.pipe_file(temp, data)
+            self.fs.mv(temp, path)
 
     def _run(self) -> None:
         while True:
@@ -157,12 +178,12 @@ class PredictionLog:
     def _write(self, batch: list[tuple[LoggedPrediction, np.ndarray]]) -> None:
         try:
             files = {f"{self.root}/{entry.image}": _png(entry, image) for entry, image in batch}
-            self.fs.pipe(files)  # images first: a batch line never names an image that is not there
+            self._put(files)  # images first: a batch line never names an image that is not there
             self._batches += 1
             now = datetime.now(UTC)
             name = f"batches/{now:%Y-%m-%d}/{now:%H%M%S%f}-{self.writer}-{self._batches}.jsonl"
             lines = "".join(json.dumps(asdict(entry), sort_keys=True) + "\n" for entry, _ in batch)
-            self.fs.pipe_file(f"{self.root}/{name}", lines.encode())
+            self._put({f"{self.root}/{name}": lines.encode()})
         except Exception as error:  # the store is down or refuses: count, log, and keep serving
             self.failed.inc(len(batch))
             self.log.warning(

@@ -66,6 +66,12 @@ class Metrics:
         self.shed = Counter(
             "cifarlab_shed_total", "requests refused at once: over MAX_LATENCY_MS or MAX_QUEUE", ["variant"], registry=r
         )
+        self.prediction_log_available = Gauge(
+            "cifarlab_prediction_log_available",
+            "1 while answered images are logged (PREDICTION_LOG_URL); 0 when the log's store could not be opened at "
+            "start and the server serves without it (PREDICTION_LOG_REQUIRED=false)",
+            registry=r,
+        )
         self.reloads = Counter(
             "cifarlab_model_reloads_total", "model reloads by result", ["variant", "result"], registry=r
         )

@@ -90,6 +90,11 @@ class Readiness(Status):
     following: dict[str, dict[str, Any]] | None = Field(
         None, description="per variant following a registry alias: the versions, the last check, a failing load"
     )
+    prediction_log: Literal["logging", "unavailable"] | None = Field(
+        None,
+        description="with PREDICTION_LOG_URL set: whether answered images are logged; unavailable: its store could "
+        "not be opened at start and the server serves without it (PREDICTION_LOG_REQUIRED=false)",
+    )
 
 
 class ReloadRequest(BaseModel):

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -14,7 +14,14 @@ from cifarlab_contract.drift import softmax
 from cifarlab_contract.feedback import FeedbackRecord, new_prediction_id
 from serve.batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown
 from serve.drift import DriftCollector, DriftMonitor, empty_report
-from serve.feedback import FeedbackCollector, FeedbackStore, Prediction, RecentPredictions, UnknownPrediction
+from serve.feedback import (
+    FeedbackCollector,
+    FeedbackStore,
+    FeedbackStoreUnavailable,
+    Prediction,
+    RecentPredictions,
+    UnknownPrediction,
+)
 from serve.json_logs import get_logger
 from serve.model import LoadedModel, ModelLoadError, load_model
 from serve.predlog import LoggedPrediction, PredictionLog, PredictionLogUnavailable, timestamp
@@ -151,7 +158,7 @@ class Service:
         if self.settings.prediction_log_url is not None:
             await self._open_prediction_log(self.settings.prediction_log_url)
         if self.settings.feedback_dir is not None:
-            self.feedback = await asyncio.to_thread(FeedbackStore, self.settings.feedback_dir, self.classes)
+            self.feedback = await self._open_feedback_store(self.settings.feedback_dir)
             self.recent = RecentPredictions(self.settings.feedback_cache_items, self.settings.feedback_cache_bytes)
             self.metrics.registry.register(FeedbackCollector(self.feedback))
         for variant in self.variants.values():
@@ -208,9 +215,7 @@ class Service:
         if shadows := self._shadowing.get(prediction_id):
             # feedback sent right after the answer: the record also scores what the shadows predict
             await asyncio.wait(set(shadows), timeout=SHADOW_FEEDBACK_WAIT_S)
-        if self.prediction_log is not None:
-            await self._recall_from_log(prediction_id)
-        return await asyncio.to_thread(self.feedback.submit, prediction_id, label, self.recent)
+        return await asyncio.to_thread(self.feedback.submit, prediction_id, label, self._find_prediction)
 
     def variant(self, name: str | None) -> Variant:
         """A variant by name (default: the first answering one); UnknownVariant for a name not configured."""
@@ -283,10 +288,34 @@ class Service:
         )
         try:
             await asyncio.to_thread(log.open)
-        except PredictionLogUnavailable as error:  # one line, as for a model that does not load; not ready
-            self.log.error("prediction log unavailable; not starting", extra={"event": "startup", "reason": str(error)})
-            raise ModelLoadError(str(error)) from error
+        except PredictionLogUnavailable as error:
+            if settings.prediction_log_required:  # one line, as for a model that does not load; not ready
+                self.log.error(
+                    "prediction log unavailable; not starting", extra={"event": "startup", "reason": str(error)}
+                )
+                raise ModelLoadError(str(error)) from error
+            self.metrics.prediction_log_available.set(0)
+            self.log.warning(
+                "prediction log unavailable; serving without it (PREDICTION_LOG_REQUIRED=false)",
+                extra={"event": "startup", "reason": str(error)},
+            )
+            return
+        self.metrics.prediction_log_available.set(1)
         self.prediction_log = log
+
+    async def _open_feedback_store(self, url: str) -> FeedbackStore:
+        try:
+            return await asyncio.to_thread(FeedbackStore, url, self.classes, self.settings.feedback_options)
+        except FeedbackStoreUnavailable as error:  # one line, as for a model that does not load; not ready
+            self.log.error("feedback store unavailable; not starting", extra={"event": "startup", "reason": str(error)})
+            raise ModelLoadError(str(error)) from error
+
+    @property
+    def prediction_log_state(self) -> Literal["logging", "unavailable"] | None:
+        """For /readyz: "logging", "unavailable" (serving without it, best effort), or None with no log set."""
+        if self.settings.prediction_log_url is None:
+            return None
+        return "logging" if self.prediction_log is not None else "unavailable"
 
     def _log_predictions(
         self,
@@ -317,30 +346,27 @@ class Service:
             )
             self.prediction_log.add(entry, image)
 
-    async def _recall_from_log(self, prediction_id: str) -> None:
-        """Feedback for a prediction this process does not hold (another replica answered it, or this one before a
-        restart): bring it from the shared log into the recent cache."""
-        assert self.prediction_log is not None and self.recent is not None
+    def _find_prediction(self, prediction_id: str) -> Prediction:
+        """The prediction feedback names: from this process's cache, else (another replica answered it, or this one
+        before a restart) from the shared log. Blocking: the store calls it off the event loop."""
+        assert self.recent is not None
         try:
-            self.recent.get(prediction_id)
-            return
+            return self.recent.get(prediction_id)
         except UnknownPrediction:
-            pass
-        found = await asyncio.to_thread(self.prediction_log.lookup, prediction_id)
-        if found is not None:
-            record, image = found
-            self.recent.add(
-                Prediction(
-                    prediction_id,
-                    image,
-                    record["predicted"],
-                    record["confidence"],
-                    record["variant"],
-                    record["model_version"],
-                    record["request_id"],
-                    record["image_index"],
-                )
-            )
+            found = None if self.prediction_log is None else self.prediction_log.lookup(prediction_id)
+            if found is None:
+                raise
+        record, image = found
+        return Prediction(
+            prediction_id,
+            image,
+            record["predicted"],
+            record["confidence"],
+            record["variant"],
+            record["model_version"],
+            record["request_id"],
+            record["image_index"],
+        )
 
     async def _shadow(self, name: str, images: np.ndarray, ids: tuple[str, ...], request_id: str) -> None:
         try:

@@ -1,7 +1,6 @@
 """The service's settings, read from environment variables (one per field, upper-case name)."""
 
 import re
-from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -78,8 +77,13 @@ class Settings(BaseSettings):
         description="recent images per variant tested against the reference (each kept, 3 KB, until it leaves)",
     )
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="false-alarm rate of one drift check (all tests)")
-    feedback_dir: Path | None = Field(
-        None, description="where POST /v1/feedback stores labelled images (image-folder layout); unset: no feedback"
+    feedback_dir: str | None = Field(
+        None,
+        description="where POST /v1/feedback stores labelled images and their records, shared by all replicas: a "
+        "folder or any fsspec URL (gs://bucket/path needs gcsfs); unset: no feedback",
+    )
+    feedback_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options of FEEDBACK_DIR (JSON), e.g. an endpoint_url"
     )
     feedback_cache_items: int = Field(10_000, gt=0, description="recent predictions kept for feedback")
     feedback_cache_bytes: int = Field(64 * 2**20, gt=0, description="image bytes kept for feedback, at most")
@@ -90,6 +94,11 @@ class Settings(BaseSettings):
     )
     prediction_log_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (JSON), e.g. an endpoint_url or a token file"
+    )
+    prediction_log_required: bool = Field(
+        True,
+        description="true: a log store that cannot be written at start stops the start (the server never becomes "
+        "ready); false: serve without the log (best effort), said by /readyz and cifarlab_prediction_log_available",
     )
     prediction_log_sample_rate: float = Field(1.0, gt=0, le=1, description="share of answered images logged")
     prediction_log_batch_items: int = Field(256, gt=0, description="images per log write, at most")

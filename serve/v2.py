@@ -432,8 +432,25 @@ def infer_response(answer: Answer, request: InferRequest, name: str, request_id:
 
 
 def _infer_body() -> dict[str, Any]:
-    schema = InferRequestBody.model_json_schema()
+    schema = _inline_defs(InferRequestBody.model_json_schema())
     return {
         "required": True,
         "content": {"application/json": {"schema": schema}, BINARY: {"schema": {"type": "string", "format": "binary"}}},
     }
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` put in place. Inside the OpenAPI document, `#/$defs/RequestInput` would
+    point at the document's root, which has no `$defs`: the reference would not resolve (schemathesis said so)."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            rest = {key: inline(value) for key, value in node.items() if key != "$ref"}
+            return {**inline(defs[node["$ref"].removeprefix("#/$defs/")]), **rest} if "$ref" in node else rest
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,12 @@ class Emulator:
         listing = f"{self.url}/storage/v1/b/{BUCKET}/o"
         with urllib.request.urlopen(listing, timeout=10) as response:
             return [item["name"] for item in json.load(response).get("items", [])]
+
+    def read(self, name: str) -> bytes:
+        """One object's bytes, read over plain HTTP (no gcsfs in the test's own process)."""
+        url = f"{self.url}/download/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}?alt=media"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read()
 
     def stored(self) -> int:
         """How many objects the bucket holds, read in this process: a gate may ask while it decides on a request,

@@ -3,14 +3,15 @@
     python scripts/ab_report.py --feedback $FEEDBACK_DIR [--metrics-url http://127.0.0.1:8000/metrics]
         [--json report.json] [--promote]
 
-Reads the feedback manifest the server writes (cifarlab_contract.feedback): per variant, the feedback count,
-accuracy with a 95% Wilson interval and model versions. If the challenger ran in shadow (it appears in the records'
-`shadows`), both variants predicted the same images and the comparison is paired (McNemar's exact test); otherwise the
-variants answered different requests and it is independent (two-proportion z-test). Both come with a seeded
-bootstrap interval of the accuracy difference (cifarlab_lifecycle.abtest). The recommendation is to promote the
-challenger, keep the champion, or keep collecting feedback. With `--promote`, a "promote" moves the registry's
-champion alias to the tested challenger version (cifarlab_lifecycle.promotion.promote_version), with the registered
-model, tracking URI and aliases of configs/promote.yaml.
+Reads the feedback store the servers write (cifarlab_contract.feedback: a folder or a gs:// URL): per variant,
+the feedback count, accuracy with a 95% Wilson interval and model versions. If the challenger ran in shadow (it
+appears in the records' `shadows`), both variants predicted the same images and the comparison is paired
+(McNemar's exact test); otherwise the variants answered different requests and it is independent (two-proportion
+z-test). Both come with a seeded bootstrap interval of the accuracy difference (cifarlab_lifecycle.abtest). The
+recommendation is to promote the challenger, keep the champion, or keep collecting feedback. With `--promote`, a
+"promote" moves the registry's champion alias to the tested challenger version
+(cifarlab_lifecycle.promotion.promote_version), with the registered model, tracking URI and aliases of
+configs/promote.yaml.
 
 scripts/ab_report.py is its command line; errors the user can fix are UserError (one line there).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab_contract.errors import UserError
-from cifarlab_contract.feedback import MANIFEST_FILE, FeedbackRecord, read_manifest
+from cifarlab_contract.feedback import MANIFEST_FILE, FeedbackRecord, open_feedback_store
 from cifarlab_contract.files import write_atomic
 from cifarlab_lifecycle import abtest
 
@@ -42,9 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--feedback",
-        type=Path,
         default=os.environ.get("FEEDBACK_DIR"),
-        help="the server's feedback folder (or its manifest.jsonl); default: $FEEDBACK_DIR",
+        help="the servers' feedback store: a folder or an fsspec URL (gs://...); default: $FEEDBACK_DIR",
     )
     parser.add_argument("--champion", default="champion", help="the variant to beat (default: %(default)s)")
     parser.add_argument("--challenger", default="challenger", help="the variant tried (default: %(default)s)")
@@ -85,17 +85,16 @@ class VariantFeedback:
         self.versions.add(str(version))
 
 
-def load_records(path: Path | None) -> tuple[Path, list[FeedbackRecord], int]:
-    """The manifest's path, its complete records, and how many bytes of a torn tail were left out."""
-    if path is None:
-        raise UserError("no feedback to read: pass --feedback DIR (the server's feedback folder) or set FEEDBACK_DIR")
-    manifest = path / MANIFEST_FILE if path.is_dir() else path
-    if not manifest.is_file():
-        raise UserError(f"no feedback manifest at {manifest} (the server creates it with the first feedback)")
-    records, good_end = read_manifest(manifest)
-    if not records:
-        raise UserError(f"{manifest} holds no complete feedback records")
-    return manifest, records, manifest.stat().st_size - good_end
+def load_records(url: str | None) -> tuple[str, list[FeedbackRecord], int]:
+    """The store's URL, its records, and how many bytes of a torn manifest tail (an older store's) were left out."""
+    if url is None:
+        raise UserError("no feedback to read: pass --feedback DIR (the servers' feedback store) or set FEEDBACK_DIR")
+    if Path(url).name == MANIFEST_FILE and Path(url).is_file():  # an older store, named by its manifest
+        url = str(Path(url).parent)
+    contents = open_feedback_store(url).contents()
+    if not contents.records:
+        raise UserError(f"{url} holds no complete feedback records (the servers write them with the first feedback)")
+    return url, contents.records, contents.torn_bytes
 
 
 def by_variant(records: list[FeedbackRecord]) -> dict[tuple[str, str], VariantFeedback]:
@@ -186,12 +185,12 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str | None]:
     """The report as JSON-ready data, and the tested challenger's version if it is a single one."""
     if args.champion == args.challenger:
         raise UserError(f"--champion and --challenger are both {args.champion!r}: name two different variants")
-    manifest, records, torn = load_records(args.feedback)
+    store, records, torn = load_records(args.feedback)
     variants = by_variant(records)
     known = sorted({name for name, _ in variants})
     for name in (args.champion, args.challenger):
         if name not in known:
-            raise UserError(f"variant {name!r} has no feedback in {manifest} (variants there: {', '.join(known)})")
+            raise UserError(f"variant {name!r} has no feedback in {store} (variants there: {', '.join(known)})")
     served = served_predictions(args.metrics_url) if args.metrics_url else None
     design, champion, challenger = compared_outcomes(records, args.champion, args.challenger)
     comparison = abtest.compare(
@@ -205,7 +204,7 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str | None]:
     )
     recommendation = abtest.recommend(comparison, alpha=args.alpha, min_samples=args.min_samples)
     report = {
-        "manifest": str(manifest),
+        "store": store,
         "records": len(records),
         "torn_bytes_ignored": torn,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

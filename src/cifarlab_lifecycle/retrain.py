@@ -1,8 +1,8 @@
 """The retraining loop behind `make retrain`: labelled feedback in, a reviewed challenger out.
 
-1. The inference service's feedback store (`<class>/<request id>~<index>.png` + `manifest.jsonl`, the format of
-   cifarlab_contract.feedback) is merged into `data/feedback`: new images only, each written atomically, with their
-   manifest lines.
+1. The inference service's feedback store (`<class>/<prediction id>.png` + their records, the format of
+   cifarlab_contract.feedback), a folder or any fsspec URL (`gs://` where the replicas share it), is merged into
+   `data/feedback`: new acknowledged images only, each written atomically, with their records as manifest lines.
 2. `dvc add data/feedback` versions it; `dvc repro` reruns prepare (which adds it to the training split only),
    train and evaluate.
 3. The new model and the registry's champion are scored on the same held-out test split; the model becomes a new
@@ -25,10 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cifarlab_contract.errors import UserError
-from cifarlab_contract.feedback import MANIFEST_FILE, labelled_image_class, read_manifest
+from cifarlab_contract.feedback import MANIFEST_FILE, FeedbackSource, labelled_image_class, open_feedback_store
 from cifarlab_contract.files import write_atomic
 from cifarlab_lifecycle.registry import (
     aliased_or_none,
@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 def retrain(cfg: DictConfig) -> str:
     """Run the whole loop (module docstring); returns the one-line outcome."""
     root = Path(cfg.paths.root_dir)
-    store = _feedback_store(cfg.feedback_dir)
+    options = cfg.feedback_storage_options  # a mapping from the config, or null
+    store = open_feedback_store(cfg.feedback_dir, OmegaConf.to_object(options) if options else None)  # type: ignore[arg-type]
     data = Path(cfg.feedback_data)
     champion_version(cfg)  # fails now, not after an hour of training, when the registry cannot be reached
     if not data.is_dir() and data.with_name(f"{data.name}.dvc").exists():
@@ -57,7 +58,11 @@ def retrain(cfg: DictConfig) -> str:
     run_dvc(root, "repro")
     raw = Path(cfg.prepared_manifest).read_bytes()  # the prepared data the model was trained on
     manifest, data_sha256 = json.loads(raw), hashlib.sha256(raw).hexdigest()
-    feedback = {"store": str(store), "new": new, "in_training": manifest.get("extra_train", {}).get("count", 0)}
+    feedback = {
+        "store": str(cfg.feedback_dir),
+        "new": new,
+        "in_training": manifest.get("extra_train", {}).get("count", 0),
+    }
     decision = register_if_not_worse(
         cfg,
         Path(cfg.candidate),
@@ -79,44 +84,32 @@ def retrain(cfg: DictConfig) -> str:
     return f"{merged}; {decision.describe(cfg.model_name, cfg.metric, cfg.tolerance)}"
 
 
-def merge_feedback(store: Path, data: Path, classes: list[str]) -> int:
-    """Copy the store's labelled images that `data` lacks (same `<class>/<name>`), each atomically, and append
-    their manifest lines to `data`'s; returns how many were new. An unknown class stops it before any copy."""
-    images = [member for member in _files(store) if labelled_image_class(member)]
-    unknown = sorted({member.split("/")[0] for member in images} - set(classes))
+def merge_feedback(store: FeedbackSource, data: Path, classes: list[str]) -> int:
+    """Copy the images of the store's records that `data` lacks (same `<class>/<name>`), each atomically, and
+    append the records to `data`'s manifest; returns how many were new. Only acknowledged feedback is merged: an
+    image without its record (a server killed between the two writes) is skipped and counted in the log. An
+    unknown class stops it before any copy."""
+    contents = store.contents()
+    unknown = sorted({record.label for record in contents.records} - set(classes))
     if unknown:
-        raise UserError(f"{store}: feedback for unknown class(es) {', '.join(unknown)} (classes: {', '.join(classes)})")
-    new = [member for member in images if not (data / member).exists()]
-    for member in new:
-        write_atomic(data / member, (store / member).read_bytes())
+        raise UserError(
+            f"{store.url}: feedback for unknown class(es) {', '.join(unknown)} (classes: {', '.join(classes)})"
+        )
+    for member in contents.unreadable:
+        log.warning("%s in %s is not a feedback record this version reads: skipped", member, store.url)
+    acknowledged = {record.path: record for record in contents.records if labelled_image_class(record.path)}
+    unrecorded = [m for m in contents.files if labelled_image_class(m) and m not in acknowledged]
+    if unrecorded:
+        log.warning("%d image(s) in %s have no record (never acknowledged): skipped", len(unrecorded), store.url)
+    new = [path for path in acknowledged if not (data / path).exists()]
+    for path in new:
+        write_atomic(data / path, store.read(path))
     data.mkdir(parents=True, exist_ok=True)
-    lines = _manifest_lines(store / MANIFEST_FILE, set(new))
-    if lines:
+    if new:
         manifest = data / MANIFEST_FILE
+        lines = "".join(acknowledged[path].to_line() for path in new)
         write_atomic(manifest, (manifest.read_text() if manifest.exists() else "") + lines)
     return len(new)
-
-
-def _files(folder: Path) -> list[str]:
-    """Every file below `folder`, as a relative POSIX path, in sorted order."""
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-
-
-def _manifest_lines(manifest: Path, paths: set[str]) -> str:
-    """The manifest lines, as the store writes them, of the records of `paths` (a torn last line records none)."""
-    if not manifest.exists():
-        return ""
-    records, _ = read_manifest(manifest)
-    return "".join(record.to_line() for record in records if record.path in paths)
-
-
-def _feedback_store(feedback_dir: str | None) -> Path:
-    if not feedback_dir:
-        raise UserError("no feedback store given: set FEEDBACK_DIR or feedback_dir=<the service's feedback folder>")
-    store = Path(feedback_dir).expanduser()
-    if not store.is_dir():
-        raise UserError(f"{store}: no such feedback folder (the service's FEEDBACK_DIR: <class>/<id>~<n>.png files)")
-    return store
 
 
 def run_dvc(root: Path, *args: str) -> None:

@@ -137,9 +137,10 @@ def test_the_image_serves_and_logs_under_the_pods_constraints(
     serve_image: str, tiny_run: Path, container_name: str, tmp_path: Path
 ) -> None:
     """The image as the Deployment runs it, the ConfigMap's settings included: ready, a prediction answered and
-    written to the prediction log (on /tmp here: the one shared store needs a bucket), its preStop command present."""
+    written to the prediction log (the log and the feedback store on /tmp here: the shared ones need a bucket), its
+    preStop command present."""
     settings = dict(resources()["ConfigMap"]["data"])
-    settings["PREDICTION_LOG_URL"] = "/tmp/predictions"
+    settings["PREDICTION_LOG_URL"], settings["FEEDBACK_DIR"] = "/tmp/predictions", "/tmp/feedback"
     environment = [flag for name, value in settings.items() for flag in ("-e", f"{name}={value}")]
     mount = f"{tiny_run / 'model.onnx'}:{settings['MODEL_URI']}:ro"
     port = free_port()

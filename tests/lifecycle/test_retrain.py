@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import yaml
@@ -17,16 +18,18 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from omegaconf import DictConfig
+from PIL import Image
 
 from cifarlab.export.onnx import export_onnx, read_metadata
 from cifarlab_contract.errors import UserError
+from cifarlab_contract.feedback import FeedbackRecord, open_feedback_store
 from cifarlab_contract.files import file_sha256
 from cifarlab_lifecycle.registry import ONNX_SHA256_TAG, RegistryError
 from cifarlab_lifecycle.retrain import merge_feedback, register_if_not_worse, retrain, run_dvc
 from serve.feedback import FeedbackStore, Prediction, RecentPredictions
 from tests.conftest import CONFIGS, ROOT
 from tests.lifecycle.test_promotion import CIFAR10, ConstantNet, contract, register
-from tests.servers import dvc, dvc_env, free_port
+from tests.servers import BUCKET, GCS_ENV, dvc, dvc_env, free_port
 
 LABELS = ("cat", "cat", "dog", "airplane")
 FIRST = "retrain-first"  # the registered model of the first retraining, which finds no champion
@@ -34,24 +37,25 @@ FIRST = "retrain-first"  # the registered model of the first retraining, which f
 
 @pytest.fixture(scope="module")
 def feedback(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A feedback store as the service leaves it: four labelled images, a manifest, and a half-written temp file."""
+    """A feedback store as the service leaves it: four labelled images with their records, and a half-written
+    temp file."""
     root = tmp_path_factory.mktemp("feedback")
     store, recent = FeedbackStore(root, CIFAR10), RecentPredictions()
     images = np.random.default_rng(0).integers(0, 256, size=(len(LABELS), 32, 32, 3), dtype=np.uint8)
     for index, (label, image) in enumerate(zip(LABELS, images, strict=True)):
         recent.add(Prediction(f"p{index}", image, "truck", 0.5, "primary", "1", request_id=f"req-{index}"))
-        store.submit(f"p{index}", label, recent)
+        store.submit(f"p{index}", label, recent.get)
     (root / "cat" / ".req-9.png.tmp").write_bytes(b"partial")
     return root
 
 
 def stored_images(store: Path) -> list[str]:
-    """The `<class>/<name>.png` paths the store's manifest records, in the order they were received."""
-    return [json.loads(line)["path"] for line in (store / "manifest.jsonl").read_text().splitlines()]
+    """The `<class>/<name>.png` paths the store's records name, in the order they were received."""
+    return [record.path for record in open_feedback_store(store).contents().records]
 
 
 @contextlib.contextmanager
-def retrain_config(repo: Path, server: str, store: Path | None, *overrides: str) -> Iterator[DictConfig]:
+def retrain_config(repo: Path, server: str, store: str | Path | None, *overrides: str) -> Iterator[DictConfig]:
     """configs/retrain.yaml as `make retrain` composes it in `repo`, with the environment a DVC command in `repo`
     gets (so the pipeline's stages run on the copy) while the block runs."""
     with pytest.MonkeyPatch.context() as patch:
@@ -68,10 +72,21 @@ def retrain_config(repo: Path, server: str, store: Path | None, *overrides: str)
         yield cfg
 
 
-def run_retrain(repo: Path, server: str, store: Path | None, *overrides: str) -> str:
+def run_retrain(repo: Path, server: str, store: str | Path | None, *overrides: str) -> str:
     """`make retrain` in this process (the CLI's start-up alone costs ~10 s here): its one-line outcome."""
     with retrain_config(repo, server, store, *overrides) as cfg:
         return retrain(cfg)
+
+
+def upload(store: Path, gcs, name: str) -> tuple[str, dict[str, str]]:
+    """A copy of `store` on the GCS emulator, as a deployment keeps it: its gs:// URL and fsspec options."""
+    options = {"endpoint_url": gcs.url, "token": "anon"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in GCS_ENV.items():
+            patch.setenv(key, value)
+        fs = fsspec.filesystem("gs", **options)
+        fs.put(f"{store}/", f"{BUCKET}/{name}/", recursive=True)
+    return f"gs://{BUCKET}/{name}", options
 
 
 def prepared_manifest(repo: Path) -> dict:
@@ -136,13 +151,16 @@ def test_retrain_merges_feedback_reruns_the_pipeline_and_registers_a_challenger(
 
 
 @pytest.mark.integration
-def test_retraining_with_nothing_new_registers_nothing_again(pipeline_repo, mlflow_server, feedback, first):
+def test_retraining_with_nothing_new_registers_nothing_again(pipeline_repo, mlflow_server, feedback, first, gcs):
+    """The second retraining reads the same store from object storage (FEEDBACK_DIR=gs://...)."""
     repo, name = pipeline_repo, FIRST
     client = MlflowClient(mlflow_server)
     (version,) = client.search_model_versions(f"name='{name}'")
     assert version.tags[ONNX_SHA256_TAG] == file_sha256(repo / "models" / "model.onnx")
 
-    with retrain_config(repo, mlflow_server, feedback, f"model_name={name}") as cfg:
+    url, options = upload(feedback, gcs, "feedback-nothing-new")
+    storage = f"feedback_storage_options={{endpoint_url:'{options['endpoint_url']}',token:anon}}"
+    with retrain_config(repo, mlflow_server, url, f"model_name={name}", storage) as cfg:
         line, experiment = retrain(cfg), client.get_experiment_by_name(cfg.experiment_name)
     assert line == (
         "0 new feedback image(s), 4 in training; did not register the candidate: "
@@ -226,6 +244,28 @@ def test_a_failing_dvc_command_is_one_error_line(tmp_path, capfd):
     assert "not inside of a DVC repository" in capfd.readouterr().err  # DVC's own reason, shown as it came
 
 
+@pytest.mark.integration
+def test_a_store_on_object_storage_merges_as_the_same_folder_does(feedback, gcs, tmp_path):
+    url, options = upload(feedback, gcs, "feedback-merge")
+    local, remote = tmp_path / "from-folder", tmp_path / "from-gcs"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in GCS_ENV.items():
+            patch.setenv(key, value)
+        assert merge_feedback(open_feedback_store(url, options), remote, CIFAR10) == len(LABELS)
+        assert merge_feedback(open_feedback_store(url, options), remote, CIFAR10) == 0  # nothing new the second time
+        with pytest.raises(UserError, match=f"gs://{BUCKET}/absent: no such feedback folder"):
+            open_feedback_store(f"gs://{BUCKET}/absent", options)
+        with pytest.raises(UserError, match=r"nosuch://feedback: cannot read the feedback store: .*nosuch"):
+            open_feedback_store("nosuch://feedback")
+    assert merge_feedback(open_feedback_store(feedback), local, CIFAR10) == len(LABELS)
+    files = sorted(path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file())
+    assert files == sorted(["manifest.jsonl", *stored_images(feedback)])  # no temp file, records as manifest lines
+    assert files == sorted(path.relative_to(remote).as_posix() for path in remote.rglob("*") if path.is_file())
+    for member in stored_images(feedback):
+        assert (remote / member).read_bytes() == (local / member).read_bytes() == (feedback / member).read_bytes()
+    assert (remote / "manifest.jsonl").read_bytes() == (local / "manifest.jsonl").read_bytes()
+
+
 def test_unknown_feedback_class_is_refused_before_any_copy(feedback, tmp_path):
     store = tmp_path / "store"
     (store / "cat").mkdir(parents=True)
@@ -233,6 +273,28 @@ def test_unknown_feedback_class_is_refused_before_any_copy(feedback, tmp_path):
     (store / "cat" / "a.png").write_bytes(image)
     (store / "unicorn").mkdir()
     (store / "unicorn" / "b.png").write_bytes(image)
+    (store / "manifest.jsonl").write_text(record_line("cat/a.png", "cat") + record_line("unicorn/b.png", "unicorn"))
     with pytest.raises(UserError, match="unknown class"):
-        merge_feedback(store, tmp_path / "data", CIFAR10)
+        merge_feedback(open_feedback_store(store), tmp_path / "data", CIFAR10)
     assert not (tmp_path / "data").exists()
+
+
+def test_only_acknowledged_feedback_is_merged(feedback, tmp_path, caplog):
+    """An image whose record was never written (the server was killed between the two writes) was never
+    acknowledged: the client was told nothing, and may send another label. It stays out of the training data."""
+    root = tmp_path / "store"
+    image = np.asarray(Image.open(feedback / stored_images(feedback)[0]))
+    FeedbackStore(root, CIFAR10).submit("acked", "cat", lambda _: Prediction("acked", image, "dog", 0.5, "a", "1"))
+    (root / "dog").mkdir()
+    (root / "dog" / "orphan.png").write_bytes((feedback / stored_images(feedback)[0]).read_bytes())
+    with caplog.at_level("WARNING"):
+        assert merge_feedback(open_feedback_store(root), tmp_path / "data", CIFAR10) == 1
+    assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*.png")) == [
+        "cat/acked.png"
+    ]
+    assert "1 image(s) in" in caplog.text and "have no record (never acknowledged)" in caplog.text
+
+
+def record_line(path: str, label: str) -> str:
+    name = Path(path).stem
+    return FeedbackRecord(name, label, "truck", False, 0.5, "primary", "1", path, "t", prediction_id=name).to_line()

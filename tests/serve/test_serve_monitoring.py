@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cifarlab.export.onnx import export_onnx
-from cifarlab_contract.feedback import FeedbackRecord
+from cifarlab_contract.feedback import FeedbackRecord, open_feedback_store
 from cifarlab_contract.model import contract_metadata
 from serve import service as service_module
 from serve.model import LoadedModel, ModelLoadError
@@ -95,8 +95,8 @@ def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
     root = Path(ab_server.env["FEEDBACK_DIR"])
     image = np.asarray(Image.open(root / "truck" / f"{prediction_id}.png"))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-    lines = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
-    assert {line["prediction_id"] for line in lines} >= {prediction_id, *ab_traffic.feedback}
+    records = open_feedback_store(root).contents().records
+    assert {record.prediction_id for record in records} >= {prediction_id, *ab_traffic.feedback}
 
     again = http.post("/v1/feedback", json=body)
     assert again.status_code == 200 and again.json() == {**record, "created": False}  # idempotent
@@ -118,12 +118,12 @@ def test_feedback_stores_the_image_as_training_data_with_the_shadows_answer(
 def test_bad_feedback_is_a_4xx_and_stores_nothing(
     http: httpx.Client, ab_traffic: Traffic, ab_server: Server, body: dict, status: int, code: str
 ) -> None:
-    manifest = Path(ab_server.env["FEEDBACK_DIR"]) / "manifest.jsonl"
-    before = manifest.read_bytes()
+    root = Path(ab_server.env["FEEDBACK_DIR"])
+    before = sorted(root.rglob("*"))
     body = {key: ab_traffic.prediction_ids[-1] if value == "PREDICTION" else value for key, value in body.items()}
     response = http.post("/v1/feedback", json=body)
     assert response.status_code == status and response.json()["error"]["code"] == code, response.text
-    assert manifest.read_bytes() == before
+    assert sorted(root.rglob("*")) == before
     malformed = http.post("/v1/feedback", content=b"{oops", headers={"Content-Type": "application/json"})
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
 
@@ -185,10 +185,10 @@ def test_ab_report_reads_the_servers_feedback_and_metrics(
     report = json.loads(out.read_text())
     assert report["comparison"]["design"] == "paired"  # the challenger shadowed every request
     rows = {row["variant"]: row for row in report["variants"]}
-    # other tests of this server add feedback too: count what the manifest holds when the report was made
-    records = [json.loads(line) for line in (Path(ab_server.env["FEEDBACK_DIR"]) / "manifest.jsonl").open()]
+    # other tests of this server add feedback too: count what the store holds when the report was made
+    records = open_feedback_store(ab_server.env["FEEDBACK_DIR"]).contents().records
     assert len(records) == report["records"] >= len(ab_traffic.feedback)
-    answered = Counter(record["variant"] for record in records)
+    answered = Counter(record.variant for record in records)
     assert answered["canary"] >= 1  # client-3 of the traffic lands on the canary
     for name in ("champion", "canary"):
         assert rows[name]["role"] == "answer" and rows[name]["feedback"] == answered[name] > 0

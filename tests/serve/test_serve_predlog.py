@@ -1,6 +1,6 @@
-"""The prediction log shared by replicas, on the GCS emulator: two real server processes log every answer to one
-gs:// log, feedback sent to the replica that did not answer is found there and stored once, byte-identical; a log
-write that fails is counted and never fails a prediction."""
+"""The prediction log and the feedback store shared by replicas, on the GCS emulator: two real server processes
+log every answer to one gs:// log, feedback sent to the replica that did not answer is found there and stored once
+in one gs:// feedback store, byte-identical; a log write that fails is counted and never fails a prediction."""
 
 import asyncio
 import io
@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from cifarlab_contract.feedback import parse_record
 from serve.model import ModelLoadError
 from serve.predlog import LoggedPrediction, PredictionLog
 from serve.service import Service
@@ -23,22 +24,23 @@ from tests.servers import BUCKET, GCS_ENV
 
 pytestmark = pytest.mark.integration  # real servers on loopback and the GCS emulator
 
-PREDICTIONS = 40
+PREDICTIONS = 200  # 1,000 did not finish within 5 minutes here: the emulator serves one request at a time
 
 
 @pytest.fixture
 def replicas(tiny_model: Path, tmp_path: Path, gcs) -> Iterator[list[Server]]:
     gcs.wipe()
-    log_url = f"gs://{BUCKET}/predlog-{tmp_path.name}"
+    options = json.dumps({"endpoint_url": gcs.url, "token": "anon"})
     servers = []
     for name in ("a", "b"):
         env = {
             **GCS_ENV,
             "MODEL_URI": str(tiny_model),
             "API_KEY": API_KEY,
-            "FEEDBACK_DIR": str(tmp_path / f"feedback-{name}"),  # each replica's own feedback store
-            "PREDICTION_LOG_URL": log_url,
-            "PREDICTION_LOG_OPTIONS": json.dumps({"endpoint_url": gcs.url, "token": "anon"}),
+            "FEEDBACK_DIR": f"gs://{BUCKET}/feedback-{tmp_path.name}",  # the only state the replicas share
+            "FEEDBACK_OPTIONS": options,
+            "PREDICTION_LOG_URL": f"gs://{BUCKET}/predlog-{tmp_path.name}",
+            "PREDICTION_LOG_OPTIONS": options,
             "PREDICTION_LOG_FLUSH_S": "0.2",
         }
         servers.append(Server(env, tmp_path / f"server-{name}.log").start())
@@ -57,6 +59,9 @@ def metric(server: Server, name: str, labels: str = "") -> float:
 def test_feedback_sent_to_the_other_replica_is_found_in_the_shared_log(replicas: list[Server], gcs) -> None:
     answered = []  # (replica index, prediction id, the image sent)
     headers = {"X-API-Key": API_KEY}
+    for server in replicas:
+        assert httpx.get(f"{server.url}/readyz").json()["prediction_log"] == "logging"
+        assert metric(server, "cifarlab_prediction_log_available") == 1
     for i in range(PREDICTIONS):  # round-robin
         server, image = replicas[i % 2], noise_png(1000 + i)
         response = httpx.post(f"{server.url}/v1/predict", files=[("files", ("x.png", image))], headers=headers)
@@ -65,6 +70,7 @@ def test_feedback_sent_to_the_other_replica_is_found_in_the_shared_log(replicas:
     wait_until(
         lambda: sum(metric(s, "cifarlab_prediction_log_written_total") for s in replicas) >= PREDICTIONS,
         "both replicas wrote their batches",
+        timeout=240,  # the emulator takes one request at a time: about 10 ms an image here
     )
     labels, correct = ["cat", "dog", "ship", "frog"], 0
     for i, (index, prediction_id, _) in enumerate(answered):
@@ -78,13 +84,21 @@ def test_feedback_sent_to_the_other_replica_is_found_in_the_shared_log(replicas:
         series = f'correct="{outcome}",variant="default"'
         assert sum(metric(s, "cifarlab_feedback_total", series) for s in replicas) == expected
 
-    for i, (index, prediction_id, image) in enumerate(answered):
-        root = Path(replicas[1 - index].env["FEEDBACK_DIR"])
-        stored_image = np.asarray(Image.open(root / labels[i % 4] / f"{prediction_id}.png"))
+    prefix = replicas[0].env["FEEDBACK_DIR"].removeprefix(f"gs://{BUCKET}/")
+    names = [name.removeprefix(f"{prefix}/") for name in gcs.objects() if name.startswith(f"{prefix}/")]
+    records = [parse_record(gcs.read(f"{prefix}/{name}")) for name in names if name.startswith("records/")]
+    assert sorted(r.prediction_id for r in records) == sorted(p for _, p, _ in answered)  # each stored once
+    for i, (_, prediction_id, image) in enumerate(answered):
+        stored_image = np.asarray(Image.open(io.BytesIO(gcs.read(f"{prefix}/{labels[i % 4]}/{prediction_id}.png"))))
         np.testing.assert_array_equal(stored_image, np.asarray(Image.open(io.BytesIO(image)).convert("RGB")))
-    manifests = [Path(s.env["FEEDBACK_DIR"]) / "manifest.jsonl" for s in replicas]
-    ids = [json.loads(line)["prediction_id"] for m in manifests for line in m.read_text().splitlines()]
-    assert sorted(ids) == sorted(p for _, p, _ in answered)  # each stored exactly once
+    assert len([name for name in names if name.endswith(".png")]) == PREDICTIONS
+    for index, prediction_id, _ in answered:  # either replica finds what the other stored
+        again = httpx.post(
+            f"{replicas[index].url}/v1/feedback",
+            json={"prediction_id": prediction_id, "label": "truck"},
+            headers=headers,
+        )
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflicting_feedback"
     batch_lines = [name for name in gcs.objects() if "/batches/" in name]
     assert batch_lines and sum(metric(s, "cifarlab_prediction_log_failed_total") for s in replicas) == 0
 
@@ -112,3 +126,35 @@ def test_a_log_store_that_cannot_be_written_stops_the_start_with_one_reason(tiny
     with pytest.raises(ModelLoadError, match=f"prediction log {blocker / 'log'} is not writable"):
         asyncio.run(service.start())
     assert service.prediction_log is None  # nothing half-open is left to write to
+
+
+def test_a_best_effort_log_that_cannot_be_written_serves_without_it_and_says_so(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder would go")
+    env = {
+        "MODEL_URI": str(tiny_model),
+        "API_KEY": API_KEY,
+        "PREDICTION_LOG_URL": str(blocker / "log"),
+        "PREDICTION_LOG_REQUIRED": "false",
+    }
+    server = Server(env, tmp_path / "server.log").start()
+    try:
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 200 and ready.json()["prediction_log"] == "unavailable"
+        answer = httpx.post(
+            f"{server.url}/v1/predict",
+            files={"files": ("a.png", noise_png(1), "image/png")},
+            headers={"X-API-Key": API_KEY},
+        )
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["prediction_id"]
+        assert metric(server, "cifarlab_prediction_log_available") == 0
+        assert metric(server, "cifarlab_prediction_log_written_total") == 0
+        (warning,) = [line for line in server.json_logs() if "prediction log unavailable" in line.get("message", "")]
+        assert (
+            warning["level"] == "warning" and f"prediction log {blocker / 'log'} is not writable" in warning["reason"]
+        )
+    finally:
+        server.stop()
+    assert not (blocker.parent / "log").exists()

@@ -295,6 +295,35 @@ def test_unknown_models_versions_paths_and_methods(client, server):
     assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
 
 
+def test_every_reference_in_the_openapi_document_resolves(client):
+    """The infer body's schema is pydantic's, whose `#/$defs/RequestInput` pointed at the document's root: nothing
+    there (schemathesis could not generate those bodies from it). Every `$ref` must name a part of the document."""
+    document = client.get("/openapi.json").raise_for_status().json()
+
+    def references(node: object) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from references(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from references(value)
+
+    unresolved = []
+    for reference in set(references(document)):
+        target: object = document
+        for part in reference.removeprefix("#/").split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        if not reference.startswith("#/") or target is None:
+            unresolved.append(reference)
+    assert unresolved == []
+    body = document["paths"][INFER.replace("cifarlab", "{model_name}")]["post"]["requestBody"]
+    tensor_schema = body["content"]["application/json"]["schema"]["properties"]["inputs"]["items"]
+    assert tensor_schema["required"] == ["name", "shape", "datatype"]  # RequestInput, in place
+
+
 def test_compressed_and_oversized_bodies_are_refused(client):
     body = json.dumps({"inputs": [tensor(data=ZEROS)]}).encode()
     assert_v2_error(client.post(INFER, content=body, headers={"Content-Encoding": "gzip"}), 415, "gzip")

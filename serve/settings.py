@@ -1,9 +1,10 @@
 """The service's settings, read from environment variables (one per field, upper-case name)."""
 
+import os
 import re
 from typing import Any, Self
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from serve.variants import VariantRouter, VariantSpec
@@ -103,6 +104,11 @@ class Settings(BaseSettings):
     prediction_log_sample_rate: float = Field(1.0, gt=0, le=1, description="share of answered images logged")
     prediction_log_batch_items: int = Field(256, gt=0, description="images per log write, at most")
     prediction_log_flush_s: float = Field(1.0, gt=0, description="a queued image is written within this time")
+
+    @field_validator("feedback_dir", mode="before")
+    @classmethod
+    def _a_folder_or_url(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value  # a Path given in Python
 
     @model_validator(mode="after")
     def _a_model_source(self) -> Self:

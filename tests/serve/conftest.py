@@ -114,18 +114,22 @@ def test_images() -> list[tuple[str, str, bytes]]:
     return [image for per_class in images.values() for image in per_class]
 
 
-@pytest.fixture(scope="module")
-def server(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The server as deployed: API key on, small limits so that tests can cross them cheaply."""
-    env = {
-        "MODEL_URI": str(onnx_model),
+def deployed(model: Path) -> dict[str, str]:
+    """The environment of the server as deployed: API key on, small limits that tests can cross cheaply."""
+    return {
+        "MODEL_URI": str(model),
         "API_KEY": API_KEY,
         "MAX_BODY_BYTES": str(256 * 1024),
         "MAX_IMAGES_PER_REQUEST": "8",
         "MAX_IMAGE_PIXELS": str(1024 * 1024),
         "MAX_BATCH_SIZE": "16",
     }
-    running = Server(env, tmp_path_factory.mktemp("server") / "server.log").start()
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server as deployed: API key on, small limits so that tests can cross them cheaply."""
+    running = Server(deployed(onnx_model), tmp_path_factory.mktemp("server") / "server.log").start()
     yield running
     running.stop()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, Server
+from tests.serve.conftest import API_KEY, Server, deployed
 
 pytestmark = pytest.mark.slow  # fuzzes the served API for its schema's every operation
 
@@ -38,15 +38,7 @@ HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 def feedback_server(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The deployed server's limits (tests/serve/conftest.py, `server`), with feedback on: the links lead there."""
     folder = tmp_path_factory.mktemp("schemathesis-server")
-    env = {
-        "MODEL_URI": str(onnx_model),
-        "API_KEY": API_KEY,
-        "MAX_BODY_BYTES": str(256 * 1024),
-        "MAX_IMAGES_PER_REQUEST": "8",
-        "MAX_IMAGE_PIXELS": str(1024 * 1024),
-        "MAX_BATCH_SIZE": "16",
-        "FEEDBACK_DIR": str(folder / "feedback"),
-    }
+    env = {**deployed(onnx_model), "FEEDBACK_DIR": str(folder / "feedback")}
     running = Server(env, folder / "server.log").start()
     yield running
     running.stop()

@@ -27,12 +27,14 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 from prometheus_client import CollectorRegistry, Counter
 
+from cifarlab_contract.files import write_atomic
 from serve.json_logs import get_logger
 
 RECORD_CHUNK = "cifarlab"
@@ -158,10 +160,7 @@ class PredictionLog:
             self.fs.pipe(files)
             return
         for path, data in files.items():
-            folder, name = path.rsplit("/", 1)
-            temp = f"{folder}/.{name}.{self.writer}.tmp"
-            self.fs.pipe_file(temp, data)
-            self.fs.mv(temp, path)
+            write_atomic(Path(path), data)
 
     def _run(self) -> None:
         while True:
